@@ -1,0 +1,37 @@
+# Set-up is part of every target: `make demo` and `make test` create .venv
+# and install the pinned set (requirements/constraints.txt) when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all test-slow bench clean
+
+$(STAMP): setup.py requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,bench]"
+	touch $(STAMP)
+
+# The three stages (pretrain -> fine-tune on 10% -> self-distill) and a
+# supervised baseline on the bundled CIFAR-10 sample; prints a table.
+demo: $(STAMP)
+	$(PY) demo.py $(DEMO_ARGS)
+
+# The default suite (fast tests, no ../shared needed).
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Training subprocesses, multi-worker, preemption and hub tests.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/input_pipeline.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

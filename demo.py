@@ -1,0 +1,118 @@
+r"""The whole of SimCLRv2 on the bundled CIFAR-10 sample, in a few minutes.
+
+  python demo.py                      # what `make demo` runs
+  python demo.py --dataset=image_folder --data_dir=../shared/data/cifar10
+
+Stages, each a `run.py` command consuming the previous stage's export:
+  1. pretrain      contrastive, no labels, all training images;
+  2. finetune      10% of the labels, from the first projection layer;
+  3. distill       self-distillation on all training images (no labels);
+  4. supervised    baseline: the same network from scratch on the same 10%.
+It ends with a table (stage, top-1, top-5, time, export) and the TensorBoard
+command to look at the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=os.path.join(ROOT, "demo_runs"),
+                 help="Folder for the four runs (replaced).")
+  p.add_argument("--dataset", default="cifar10_sample")
+  p.add_argument("--data_dir", default="")
+  p.add_argument("--precision", default="mixed_bfloat16")
+  p.add_argument("--pretrain_epochs", type=int, default=40)
+  p.add_argument("--finetune_epochs", type=int, default=60)
+  p.add_argument("--distill_epochs", type=int, default=20)
+  p.add_argument("--label_fraction", type=float, default=0.1)
+  p.add_argument("--batch_size", type=int, default=100)
+  p.add_argument("--extra", nargs="*", default=[],
+                 help="More run.py flags for every stage.")
+  return p.parse_args(argv)
+
+
+def stages(a) -> list[tuple[str, list[str]]]:
+  common = [f"--dataset={a.dataset}", f"--data_dir={a.data_dir}",
+            "--image_size=32", "--resnet_depth=18", f"--precision={a.precision}",
+            "--mode=train_then_eval", "--ft_proj_selector=1", "--seed=0",
+            *a.extra]
+  out = lambda name: os.path.join(a.out, name)
+  finetune = ["--train_mode=finetune", f"--label_fraction={a.label_fraction}",
+              f"--train_batch_size={min(a.batch_size, 50)}",
+              f"--train_epochs={a.finetune_epochs}", "--optimizer=lars",
+              "--learning_rate=0.1", "--learning_rate_scaling=linear",
+              "--weight_decay=0", "--warmup_epochs=0"]
+  return [
+      ("pretrain", common + [
+          "--train_mode=pretrain", f"--model_dir={out('pretrain')}",
+          f"--train_batch_size={a.batch_size}",
+          f"--train_epochs={a.pretrain_epochs}", "--learning_rate=1.0",
+          "--weight_decay=1e-4", "--temperature=0.5",
+          "--color_jitter_strength=0.5", "--warmup_epochs=2"]),
+      ("finetune", common + finetune + [
+          f"--model_dir={out('finetune')}",
+          f"--init_from={out('pretrain')}/saved_model"]),
+      ("distill", common + [
+          "--train_mode=distill", f"--model_dir={out('distill')}",
+          f"--teacher={out('finetune')}/saved_model",
+          f"--init_from={out('pretrain')}/saved_model",
+          f"--train_batch_size={a.batch_size}",
+          f"--train_epochs={a.distill_epochs}", "--distill_temperature=0.1",
+          "--learning_rate=0.3", "--weight_decay=0", "--warmup_epochs=1"]),
+      ("supervised", common + finetune + [
+          f"--model_dir={out('supervised')}", "--learning_rate=0.3",
+          "--weight_decay=1e-4"]),
+  ]
+
+
+def run_stage(name: str, args: list[str]) -> dict:
+  cmd = [sys.executable, os.path.join(ROOT, "run.py"), *args]
+  print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
+  start = time.time()
+  proc = subprocess.run(cmd, cwd=ROOT)
+  if proc.returncode:
+    sys.exit(f"demo: stage {name} failed with exit status {proc.returncode}")
+  model_dir = next(a.split("=", 1)[1] for a in args
+                   if a.startswith("--model_dir="))
+  with open(os.path.join(model_dir, "result.json")) as f:
+    result = json.load(f)
+  result["seconds"] = time.time() - start
+  return result
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+  lines = [f"{'stage':<12}{'top-1':>8}{'top-5':>8}{'time':>9}  export",
+           "-" * 78]
+  for name, r in rows:
+    top1 = f"{100 * r['top1']:.1f}" if "top1" in r else "-"
+    top5 = f"{100 * r['top5']:.1f}" if "top5" in r else "-"
+    lines.append(f"{name:<12}{top1:>8}{top5:>8}{r['seconds']:>8.0f}s  "
+                 f"{os.path.relpath(r.get('export', '-'), ROOT)}")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  a = parse_args(argv)
+  start = time.time()
+  rows = [(name, run_stage(name, args)) for name, args in stages(a)]
+  print(f"\nSimCLRv2 demo on {a.dataset} ({100 * a.label_fraction:g}% labels),"
+        f" {a.precision}, {time.time() - start:.0f} s in all")
+  print("(pretrain's top-1 is its linear classifier trained alongside on all "
+        "labels.)")
+  print(table(rows))
+  print(f"\nTensorBoard:  {sys.executable} -m tensorboard.main "
+        f"--logdir {os.path.relpath(a.out, ROOT)}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,216 @@
+r"""SimCLRv2 in Keras 3: pretrain, fine-tune, distill, evaluate.
+
+The only module that defines or reads flags: it turns them into a frozen
+`simclr_tf.config.Config` and hands it to `simclr_tf.runner.run`.
+
+  python run.py --mode=train_then_eval --train_mode=pretrain
+  python run.py --flagfile=flags/cifar10_pretrain.cfg \
+      --dataset=image_folder --data_dir=../shared/data/cifar10
+
+Bad flag values exit with status 2 and a one-line message before any model
+is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from simclr_tf import config as config_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+_DEFAULTS = config_lib.Config()
+
+_ENUMS = {
+    "mode": config_lib.MODES,
+    "train_mode": config_lib.TRAIN_MODES,
+    "proj_head_mode": config_lib.PROJ_HEAD_MODES,
+    "optimizer": config_lib.OPTIMIZERS,
+    "learning_rate_scaling": config_lib.LR_SCALINGS,
+    "precision": config_lib.PRECISIONS,
+    "strategy": config_lib.STRATEGIES,
+}
+
+_HELP = {
+    "mode": "train, eval (on the latest checkpoint or --init_from), or "
+            "train_then_eval.",
+    "train_mode": "pretrain (contrastive), finetune (labeled subset) or "
+                  "distill (teacher's soft labels on unlabeled images).",
+    "model_dir": "Where checkpoints, TensorBoard logs, result.json, "
+                 "flags.json and saved_model/ are written. Rerunning the "
+                 "same command continues from the latest checkpoint.",
+    "init_from": "A saved_model/ written by a previous stage; its encoder "
+                 "and projection head initialise this run (checked).",
+    "checkpoint": "Reserved: start from a training checkpoint (use "
+                  "--init_from with an export instead).",
+    "teacher": "Distillation teacher: a SavedModel with a 'logits_sup' "
+               "output (e.g. a fine-tune export).",
+    "seed": "Seed of the label subset, data order, augmentations and "
+            "initialisation.",
+    "dataset": "'cifar10_sample' (bundled, offline), 'image_folder' "
+               "(--data_dir=ROOT with ROOT/<split>/<class>/<image>, or "
+               "ROOT/<split>/<image> unlabeled) or a TFDS name such as "
+               "cifar10, imagenet2012, imagenet2012_subset/1pct.",
+    "data_dir": "Image-folder root, or the TFDS data directory.",
+    "train_split": "Split to train on.",
+    "eval_split": "Split to evaluate on.",
+    "image_size": "Input resolution; <= 32 uses the CIFAR stem (3x3 conv, "
+                  "stride 1, no max-pool), >= 64 the ImageNet stem.",
+    "color_jitter_strength": "Strength s of colour jitter (SimCLR: 1.0 "
+                             "ImageNet, 0.5 CIFAR).",
+    "use_blur": "Gaussian blur in pretraining augmentation (off for CIFAR).",
+    "cache_dataset": "Cache decoded images in memory (decode once).",
+    "label_fraction": "Fine-tune on a class-balanced fraction of the labels "
+                      "(0, 1], chosen by --seed; written to "
+                      "model_dir/label_subset.txt.",
+    "strict_data": "Fail on the first unreadable image instead of skipping "
+                   "and reporting it.",
+    "resnet_depth": "ResNet depth: 18, 34, 50, 101, 152 or 200.",
+    "width_multiplier": "ResNet width multiplier (1, 2, 3, ...).",
+    "sk_ratio": "Selective-kernel ratio (paper: 0.0625); 0 disables SK.",
+    "se_ratio": "Squeeze-excitation ratio; 0 disables SE.",
+    "batch_norm_decay": "Batch-norm moving-average momentum.",
+    "global_bn": "Batch-norm statistics over the global batch (all "
+                 "replicas).",
+    "proj_head_mode": "Projection head: nonlinear, linear or none.",
+    "num_proj_layers": "Layers of the nonlinear projection head (v2: 3).",
+    "proj_out_dim": "Output width of the projection head.",
+    "ft_proj_selector": "Fine-tune from this projection layer (0: encoder "
+                        "output as in SimCLR v1; 1: SimCLRv2's choice). "
+                        "Layers above it are dropped.",
+    "lineareval_while_pretraining": "Train a linear classifier on the "
+                                    "stop-gradient representation during "
+                                    "pretraining.",
+    "fine_tune_after_block": "Freeze everything before block group K (-1: "
+                             "train everything; 4: linear evaluation).",
+    "train_batch_size": "Global training batch size (all replicas).",
+    "eval_batch_size": "Global evaluation batch size.",
+    "train_epochs": "Training epochs (ignored when --train_steps > 0).",
+    "train_steps": "Training steps; 0 means --train_epochs.",
+    "optimizer": "lars, momentum or adam.",
+    "momentum": "Momentum of LARS and SGD.",
+    "learning_rate": "Base learning rate, scaled by --learning_rate_scaling.",
+    "learning_rate_scaling": "linear (lr x B/256) or sqrt (lr x sqrt(B)).",
+    "warmup_epochs": "Linear warm-up epochs before cosine decay to 0.",
+    "weight_decay": "Weight decay (L2) of kernels; never of batch norm or "
+                    "biases.",
+    "temperature": "NT-Xent temperature (0.1 ImageNet, 0.5 CIFAR).",
+    "hidden_norm": "L2-normalise projections before NT-Xent.",
+    "distill_temperature": "Distillation temperature (0.1 self-"
+                           "distillation, 1.0 big-to-small).",
+    "distill_label_weight": "Weight of the labeled cross-entropy added to "
+                            "the distillation loss (paper: 0).",
+    "memory_size": "Memory queue of momentum-encoder negatives (0: off; "
+                   "paper: 65536).",
+    "memory_momentum": "Moving-average momentum of the memory network.",
+    "precision": "float32, mixed_bfloat16 (CPUs with AMX, TPUs, recent "
+                 "GPUs) or mixed_float16 (with loss scaling).",
+    "jit_compile": "Compile the training step with XLA.",
+    "steps_per_execution": "Training steps per tf.function call.",
+    "checkpoint_steps": "Checkpoint every N steps (0: use "
+                        "--checkpoint_epochs).",
+    "checkpoint_epochs": "Checkpoint every N epochs.",
+    "keep_checkpoint_max": "Checkpoints kept.",
+    "log_images": "Write a few augmented pairs to TensorBoard at the start.",
+    "strategy": "auto (TPU with --tpu, mirrored with several GPUs, else one "
+                "device), one_device, mirrored, multi_worker_mirrored "
+                "(reads TF_CONFIG) or tpu.",
+    "tpu": "TPU name or address for the cluster resolver ('local' on a "
+           "Cloud TPU VM).",
+    "cpu_replicas": "Split the CPU into N logical devices under a mirrored "
+                    "strategy (to try distributed code on a laptop).",
+}
+
+
+def _define_flags() -> None:
+  for field in dataclasses.fields(config_lib.Config):
+    name, default = field.name, getattr(_DEFAULTS, field.name)
+    help_text = _HELP[name]
+    if name in _ENUMS:
+      flags.DEFINE_enum(name, default, _ENUMS[name], help_text)
+    elif isinstance(default, bool):
+      flags.DEFINE_bool(name, default, help_text)
+    elif isinstance(default, int):
+      flags.DEFINE_integer(name, default, help_text)
+    elif isinstance(default, float):
+      flags.DEFINE_float(name, default, help_text)
+    else:
+      flags.DEFINE_string(name, default, help_text)
+
+
+_define_flags()
+
+
+def config_from_flags() -> config_lib.Config:
+  values = {f.name: FLAGS[f.name].value
+            for f in dataclasses.fields(config_lib.Config)}
+  return config_lib.Config(**values)
+
+
+def _fail(message: str) -> None:
+  print(f"run.py: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+_HELP_FLAGS = ("--help", "-h", "-?", "--helpfull", "--helpshort",
+               "--helpxml")
+
+
+def _parse(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except SystemExit:
+    # absl exits 1 after printing help; asking for help is not an error.
+    if any(a in _HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
+
+
+def _setup_logging() -> None:
+  """Our progress at INFO on stderr; TensorFlow's own chatter at WARNING."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  ours = logging.getLogger("simclr_tf")
+  ours.setLevel(logging.INFO)
+  ours.propagate = False
+  if not ours.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s simclr_tf %(levelname)s: %(message)s", "%H:%M:%S"))
+    ours.addHandler(handler)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; every option is a --flag "
+          "(see --helpfull).")
+  _setup_logging()
+  try:
+    cfg = config_lib.validate(config_from_flags())
+  except config_lib.ConfigError as e:
+    _fail(str(e))
+  from simclr_tf import distribute  # pylint: disable=g-import-not-at-top
+  distribute.split_cpu(cfg.cpu_replicas)
+  from simclr_tf import runner  # pylint: disable=g-import-not-at-top
+  try:
+    result = runner.run(cfg)
+  except config_lib.ConfigError as e:
+    _fail(str(e))
+  print(runner.format_result(result))
+
+
+def entry_point():
+  app.run(main, flags_parser=_parse)
+
+
+if __name__ == "__main__":
+  entry_point()

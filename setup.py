@@ -1,0 +1,37 @@
+"""simclr-tf: SimCLRv2 (Chen et al., NeurIPS 2020) in Keras 3 / TensorFlow."""
+
+import setuptools
+
+setuptools.setup(
+    name="simclr-tf",
+    version="0.1.0",
+    description=("SimCLRv2 in Keras 3 / TensorFlow: contrastive pretraining, "
+                 "fine-tuning and distillation with reusable SavedModels."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["simclr_tf", "simclr_tf.*",
+                                               "tf_hub_export",
+                                               "tf_hub_export.*"]),
+    package_data={"simclr_tf.data": ["cifar10_sample/*/*/*.jpg",
+                                     "cifar10_sample/README.md"]},
+    py_modules=["run"],
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<4",
+        "tensorflow-datasets>=4.9",
+        "absl-py>=2.1",
+        # TF 2.21 no longer installs TensorBoard; summaries need it.
+        "tensorboard>=2.21,<2.22",
+        "pillow>=10",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # hub.KerasLayer is Keras 2 only: the hub tests load our exports
+        # under tf-keras (TF_USE_LEGACY_KERAS=1) in a subprocess.
+        "test": ["pytest>=8", "tensorflow-hub>=0.16", "tf-keras>=2.21,<2.22"],
+        "bench": ["matplotlib>=3.8"],
+    },
+    entry_points={"console_scripts": ["simclr-tf=run:entry_point"]},
+)

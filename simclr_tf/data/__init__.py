@@ -1,0 +1,1 @@
+"""Input data: augmentations, image folders and tf.data pipelines."""

@@ -1,0 +1,321 @@
+"""Image folders: listing, validation and decoding.
+
+Layouts (ROOT is `--data_dir`, or the bundled sample's directory):
+
+    ROOT/<split>/<class>/<file>   labeled; classes sorted by name -> label ids
+    ROOT/<split>/<file>           unlabeled; every label is -1
+
+Files may be JPEG, PNG (8 or 16 bit), BMP or GIF (first frame), of any size,
+grayscale, gray+alpha, RGB or RGBA; every image is converted to 8-bit RGB.
+Hidden files and folders (names starting with '.') are ignored, symbolic
+links are followed. Files that cannot be used (empty, not an image,
+truncated, corrupt) are skipped and counted; `strict=True` turns the first
+one into an error.
+
+Validation is done once per folder and process: a cheap header / trailer
+check of every file, then, unless the folder is large, a full parallel decode
+of every file with `tf.data` (about 10 s for the 50,000 CIFAR-10 JPEGs on two
+cores), so that training never meets an undecodable file.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import os
+import struct
+from typing import Optional
+
+import tensorflow as tf
+
+LOGGER = logging.getLogger("simclr_tf")
+
+# Above this many bytes of image files, files are only checked by their header
+# and trailer (a full decode would take too long), and the input pipeline
+# drops the rare file that still fails to decode.
+FULL_CHECK_MAX_BYTES = 1 << 30
+# How many skipped files the log names.
+NUM_REPORTED = 5
+LAYOUT = ("ROOT/<split>/<class>/<image> (labeled) or ROOT/<split>/<image> "
+          "(unlabeled)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderListing:
+  """The usable images of one split of an image folder.
+
+  Attributes:
+    directory: the split folder, ROOT/<split>.
+    paths: image files, sorted by class then path.
+    labels: label id of each path; -1 when the folder is unlabeled.
+    class_names: sorted names of the classes with at least one image; empty
+      when unlabeled.
+    skipped: files that were skipped because they cannot be used.
+    skip_reasons: why, one per skipped file.
+    fully_decoded: whether every file of `paths` was decoded once.
+    num_bytes: total size of the files of `paths`.
+  """
+
+  directory: str
+  paths: tuple
+  labels: tuple
+  class_names: tuple
+  skipped: tuple = ()
+  skip_reasons: tuple = ()
+  fully_decoded: bool = True
+  num_bytes: int = 0
+
+  @property
+  def labeled(self) -> bool:
+    return bool(self.class_names)
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.paths)
+
+
+def _gather_rgb(image: tf.Tensor) -> tf.Tensor:
+  """Maps a 1-, 2-, 3- or 4-channel image to 3 channels (alpha dropped)."""
+  channels = tf.shape(image)[-1]
+  tf.debugging.assert_less_equal(channels, 4,
+                                 message="image has more than 4 channels")
+  table = tf.constant([[0, 0, 0], [0, 0, 0], [0, 1, 2], [0, 1, 2]], tf.int32)
+  image = tf.gather(image, table[channels - 1], axis=2)
+  return tf.ensure_shape(image, [None, None, 3])
+
+
+def decode_image_uint8(contents: tf.Tensor) -> tf.Tensor:
+  """Decodes a JPEG, PNG, BMP or GIF file into 8-bit RGB.
+
+  Args:
+    contents: scalar string tensor, the bytes of the file.
+  Returns:
+    uint8 tensor [H, W, 3]. Grayscale is replicated to 3 channels, alpha is
+    dropped, 16-bit PNG is scaled to 8 bits, a GIF gives its first frame.
+  """
+  image = tf.io.decode_image(contents, channels=0, dtype=tf.uint8,
+                             expand_animations=False)
+  return _gather_rgb(image)
+
+
+def decode_image(contents: tf.Tensor) -> tf.Tensor:
+  """Decodes a JPEG, PNG, BMP or GIF file into float32 RGB in [0, 1].
+
+  Args:
+    contents: scalar string tensor, the bytes of the file.
+  Returns:
+    float32 tensor [H, W, 3] with values in [0, 1] (see
+    `decode_image_uint8` for the conversions).
+  """
+  return tf.image.convert_image_dtype(decode_image_uint8(contents),
+                                      tf.float32)
+
+
+def _check_bmp(head: bytes, size: int) -> Optional[str]:
+  """Reason why a BMP file cannot be used, or None."""
+  if len(head) < 30:
+    return "truncated BMP header"
+  declared = struct.unpack_from("<I", head, 2)[0]
+  if declared and size < declared:
+    return f"truncated ({size} of {declared} bytes)"
+  bits = struct.unpack_from("<H", head, 28)[0]
+  if bits in (24, 32):
+    return None
+  if bits != 8 or len(head) < 54:
+    return (f"{bits}-bit BMP is not supported; convert it to PNG")
+  # The decoder returns palette indices; they are the pixel values only when
+  # the palette is the gray ramp (what image libraries write for grayscale).
+  header_size = struct.unpack_from("<I", head, 14)[0]
+  num_colors = struct.unpack_from("<I", head, 46)[0] or 256
+  start = 14 + header_size
+  palette = head[start:start + 4 * num_colors]
+  if len(palette) < 4 * num_colors or any(
+      palette[4 * i:4 * i + 3] != bytes((i, i, i)) for i in range(num_colors)):
+    return "palette BMP is not supported; convert it to PNG"
+  return None
+
+
+def check_file(path: str) -> Optional[str]:
+  """Cheap check of one file by its size, header and trailer.
+
+  Args:
+    path: file path.
+  Returns:
+    None if the file looks like a complete JPEG, PNG, BMP or GIF image, else
+    a short reason ('empty file', 'not an image', 'truncated', ...).
+  """
+  try:
+    size = os.path.getsize(path)
+    if size == 0:
+      return "empty file"
+    with open(path, "rb") as f:
+      head = f.read(1100)
+      f.seek(max(0, size - 64))
+      tail = f.read(64)
+  except OSError as e:
+    return f"cannot be read ({e.strerror})"
+  if head.startswith(b"\xff\xd8\xff"):
+    return None if b"\xff\xd9" in tail else "truncated JPEG"
+  if head.startswith(b"\x89PNG\r\n\x1a\n"):
+    return None if b"IEND" in tail else "truncated PNG"
+  if head.startswith((b"GIF87a", b"GIF89a")):
+    return None
+  if head.startswith(b"BM"):
+    return _check_bmp(head, size)
+  return "not a JPEG, PNG, BMP or GIF image"
+
+
+def _decodable(paths: list) -> list:
+  """Whether each file decodes, with one parallel tf.data pass.
+
+  Args:
+    paths: file paths.
+  Returns:
+    list of bools, one per path.
+  """
+  if not paths:
+    return []
+  path_tensor = tf.constant(paths)
+
+  def try_decode(index):
+    image = decode_image_uint8(tf.io.read_file(path_tensor[index]))
+    return index, tf.shape(image)[0]
+
+  ds = tf.data.Dataset.range(len(paths)).map(
+      try_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.ignore_errors().batch(4096)
+  ok = [False] * len(paths)
+  for indices, _ in ds.as_numpy_iterator():
+    for i in indices:
+      ok[int(i)] = True
+  return ok
+
+
+def _visible(names) -> list:
+  return sorted(n for n in names if not n.startswith("."))
+
+
+def _files_under(directory: str) -> list:
+  """Sorted non-hidden files under a folder, recursively, following links."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+    dirnames[:] = _visible(dirnames)
+    for name in _visible(filenames):
+      path = os.path.join(dirpath, name)
+      if os.path.isfile(path):
+        found.append(path)
+  return sorted(found)
+
+
+def _signature(directory: str) -> tuple:
+  """Modification times of a folder and its sub-folders (cache key)."""
+  stamps = [os.stat(directory).st_mtime_ns]
+  for name in _visible(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if os.path.isdir(path):
+      stamps.append((name, os.stat(path).st_mtime_ns))
+  return tuple(stamps)
+
+
+@functools.lru_cache(maxsize=16)
+def _scan(directory: str, signature: tuple) -> FolderListing:
+  """Lists and validates a split folder (cached per process)."""
+  del signature  # Only part of the cache key.
+  entries = _visible(os.listdir(directory))
+  class_dirs = [e for e in entries
+                if os.path.isdir(os.path.join(directory, e))]
+  candidates = []  # (path, class name or None)
+  skipped, reasons = [], []
+  if class_dirs:
+    for name in entries:
+      path = os.path.join(directory, name)
+      if name not in class_dirs and os.path.isfile(path):
+        skipped.append(path)
+        reasons.append("not inside a class folder")
+    for name in class_dirs:
+      candidates.extend(
+          (p, name) for p in _files_under(os.path.join(directory, name)))
+  else:
+    candidates = [(p, None) for p in _files_under(directory)]
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    header_reasons = list(pool.map(check_file, [p for p, _ in candidates]))
+  good = [c for c, r in zip(candidates, header_reasons) if r is None]
+  for (path, _), reason in zip(candidates, header_reasons):
+    if reason is not None:
+      skipped.append(path)
+      reasons.append(reason)
+
+  num_bytes = sum(os.path.getsize(p) for p, _ in good)
+  fully_decoded = num_bytes <= FULL_CHECK_MAX_BYTES
+  if fully_decoded:
+    decodable = _decodable([p for p, _ in good])
+    for (path, _), ok in zip(good, decodable):
+      if not ok:
+        skipped.append(path)
+        reasons.append("cannot be decoded (corrupt image)")
+    good = [c for c, ok in zip(good, decodable) if ok]
+    num_bytes = sum(os.path.getsize(p) for p, _ in good)
+
+  if class_dirs:
+    class_names = tuple(sorted({name for _, name in good}))
+    for name in class_dirs:
+      if name not in class_names:
+        LOGGER.warning("Class folder %s has no usable image; it is not a "
+                       "class.", os.path.join(directory, name))
+    ids = {name: i for i, name in enumerate(class_names)}
+    labels = tuple(ids[name] for _, name in good)
+  else:
+    class_names = ()
+    labels = (-1,) * len(good)
+  if skipped:
+    LOGGER.warning(
+        "Skipped %d unusable file(s) in %s; the first: %s", len(skipped),
+        directory, "; ".join(f"{p} ({r})" for p, r in
+                             zip(skipped[:NUM_REPORTED],
+                                 reasons[:NUM_REPORTED])))
+  return FolderListing(
+      directory=directory, paths=tuple(p for p, _ in good), labels=labels,
+      class_names=class_names, skipped=tuple(skipped),
+      skip_reasons=tuple(reasons), fully_decoded=fully_decoded,
+      num_bytes=num_bytes)
+
+
+def split_exists(root: str, split: str) -> bool:
+  """Whether ROOT/<split> is a folder."""
+  return os.path.isdir(os.path.join(root, split))
+
+
+def list_image_folder(root: str, split: str,
+                      strict: bool = False) -> FolderListing:
+  """Lists the usable images of ROOT/<split>.
+
+  Args:
+    root: the folder that holds one sub-folder per split.
+    split: split name, e.g. 'train'.
+    strict: raise on the first unusable file instead of skipping it.
+  Returns:
+    A FolderListing (cached per process until the folders change).
+  Raises:
+    ValueError: the split folder is missing or has no usable image, or
+      `strict` and a file cannot be used.
+  """
+  directory = os.path.abspath(os.path.join(root, split))
+  if not os.path.isdir(root):
+    raise ValueError(f"Image folder {root!r} does not exist; expected "
+                     f"{LAYOUT}.")
+  if not os.path.isdir(directory):
+    raise ValueError(f"{root!r} has no {split!r} folder; expected {LAYOUT}.")
+  listing = _scan(directory, _signature(directory))
+  if strict and listing.skipped:
+    raise ValueError(
+        f"{listing.skipped[0]} cannot be used ({listing.skip_reasons[0]}; "
+        f"{len(listing.skipped)} unusable file(s) in {directory}): remove it "
+        "or drop --strict_data to skip such files.")
+  if not listing.paths:
+    raise ValueError(
+        f"{directory} has no usable image (JPEG, PNG, BMP or GIF); expected "
+        f"{LAYOUT}.")
+  return listing

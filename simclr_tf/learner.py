@@ -1,0 +1,93 @@
+"""The keras.Model that trains a SimCLR network with one stage's task.
+
+`train_step` is the same for pretraining, fine-tuning and distillation: the
+task returns the loss and per-example metrics, the learner adds the L2 term,
+differentiates and applies the optimizer (which all-reduces gradients under
+tf.distribute). `test_step` measures top-1/top-5 of the supervised head.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from simclr_tf import tasks as tasks_lib
+
+EVAL_METRICS = ("loss", "top1", "top5")
+
+
+class Learner(keras.Model):
+  """Wraps `net` (a SimCLR model) and a task; owns the metric trackers."""
+
+  def __init__(self, net, task, l2_variables=(), weight_decay=0.0,
+               memory=None, name="learner", **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.net = net
+    self.task = task
+    self.memory = memory
+    self._l2_variables = list(l2_variables)
+    self._weight_decay = float(weight_decay)
+    self.train_trackers = [keras.metrics.Mean(name=n)
+                           for n in task.metric_names + ("weight_decay",)]
+    self.eval_trackers = [keras.metrics.Mean(name=n) for n in EVAL_METRICS]
+
+  @property
+  def metrics(self):
+    return self.train_trackers + self.eval_trackers
+
+  def call(self, inputs, training=False):
+    if isinstance(inputs, dict):   # a dataset element
+      inputs = inputs["image"] if "image" in inputs else inputs["view1"]
+    return self.net(inputs, training=training)
+
+  def _l2_term(self):
+    if not self._l2_variables or not self._weight_decay:
+      return tf.constant(0.0)
+    return self._weight_decay * tf.add_n(
+        [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in self._l2_variables])
+
+  def train_step(self, data):
+    data = _unpack(data)
+    variables = self.net.trainable_variables
+    with tf.GradientTape() as tape:
+      loss, values = self.task(self.net, data, training=True)
+      l2 = self._l2_term()
+      # The L2 term is the same on every replica: divide so the all-reduced
+      # gradient counts it once.
+      total = loss + l2 / tasks_lib.num_replicas()
+      scaled = self.optimizer.scale_loss(total)
+    grads = tape.gradient(scaled, variables)
+    self.optimizer.apply_gradients(zip(grads, variables))
+    if self.memory is not None:
+      self.memory.update(self.net)
+    values = dict(values, loss=total * tasks_lib.num_replicas(),
+                  weight_decay=l2)
+    return self._update(self.train_trackers, values)
+
+  def test_step(self, data):
+    data = _unpack(data)
+    labels = data["label"]
+    logits = self.net(data["image"], training=False)["logits_sup"]
+    labeled = labels >= 0
+    safe = tf.maximum(labels, 0)
+    values = {
+        "loss": (tasks_lib.losses.supervised_loss(labels, logits), labeled),
+        "top1": (tasks_lib.top_k_correct(safe, logits, 1), labeled),
+        "top5": (tasks_lib.top_k_correct(safe, logits, 5), labeled),
+    }
+    return self._update(self.eval_trackers, values)
+
+  @staticmethod
+  def _update(trackers, values):
+    for tracker in trackers:
+      value = values[tracker.name]
+      if isinstance(value, tuple):
+        tracker.update_state(value[0], sample_weight=value[1])
+      else:
+        tracker.update_state(value)
+    return {t.name: t.result() for t in trackers}
+
+
+def _unpack(data):
+  """`fit(dataset)` gives the element; `train_on_batch(x)` gives (x, y, w)."""
+  return data[0] if isinstance(data, tuple) else data

@@ -1,0 +1,375 @@
+"""Runs one stage end to end: data, model, training, evaluation, export.
+
+Pretraining, fine-tuning and distillation share everything here; they differ
+only in the model's wiring (`config.model_config`) and the task
+(`simclr_tf.tasks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from simclr_tf import callbacks as cb
+from simclr_tf import config as config_lib
+from simclr_tf import distribute
+from simclr_tf import tasks as tasks_lib
+from simclr_tf.config import Config, ConfigError, ModelConfig
+from simclr_tf.data import datasets
+from simclr_tf.learner import Learner
+from simclr_tf.models import simclr as simclr_lib
+from simclr_tf.optim.lars import LARS
+from simclr_tf.optim.schedules import WarmUpAndCosineDecay
+from tf_hub_export import load as load_lib
+from tf_hub_export.export import export_saved_model
+
+log = logging.getLogger("simclr_tf")
+
+EXPORT_DIR = "saved_model"
+RESULT_FILE = "result.json"
+# Architecture fields that the flags and an --init_from export must share.
+ARCH_FLAGS = ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio",
+              "cifar_stem", "proj_head_mode", "num_proj_layers",
+              "proj_out_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Everything decided before any model is built."""
+
+  info: datasets.DatasetInfo
+  model_config: ModelConfig
+  num_train_examples: int
+  total_steps: int
+  steps_per_epoch: int
+  chunk_steps: int
+  init_meta: Optional[object] = None
+  teacher_meta: Optional[object] = None
+
+
+# --- Checks that need files but no model -----------------------------------
+
+def prepare_model_dir(cfg: Config) -> None:
+  """Creates model_dir, proves it is writable, records the flags."""
+  try:
+    os.makedirs(cfg.model_dir, exist_ok=True)
+    probe = os.path.join(cfg.model_dir, ".write_probe")
+    with open(probe, "wb") as f:
+      f.write(b"\0" * (1 << 20))
+      f.flush()
+      os.fsync(f.fileno())
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(
+        f"--model_dir={cfg.model_dir!r} is not writable ({e.strerror}); "
+        "choose a folder with free space that you can write to.") from e
+  with open(os.path.join(cfg.model_dir, "flags.json"), "w") as f:
+    f.write(cfg.to_json())
+
+
+def _check_arch(cfg: Config, meta, flag: str) -> None:
+  """The flags' architecture must be the export's."""
+  ours = config_lib.model_config(cfg, 0)
+  for name in ARCH_FLAGS:
+    a, b = getattr(ours, name), getattr(meta.model_config, name)
+    if a != b:
+      shown = ("image_size" if name == "cifar_stem" else name)
+      value = cfg.image_size if name == "cifar_stem" else a
+      want = (f"{'<=' if b else '>'} {config_lib.CIFAR_STEM_MAX_SIZE}"
+              if name == "cifar_stem" else b)
+      raise ConfigError(
+          f"--{shown}={value} does not match the --{flag} export, which has "
+          f"{shown}={want}; set --{shown} to match it.")
+
+
+def make_plan(cfg: Config) -> Plan:
+  """Opens data and exports; raises ConfigError for any bad combination."""
+  try:
+    fraction = cfg.label_fraction if cfg.train_mode == "finetune" else 1.0
+    info = datasets.get_info(cfg.dataset, cfg.data_dir, cfg.train_split,
+                             cfg.eval_split, strict=cfg.strict_data,
+                             label_fraction=fraction, seed=cfg.seed)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(str(e)) from e
+  init_meta = teacher_meta = None
+  try:
+    if cfg.init_from:
+      init_meta = load_lib.read_meta(cfg.init_from, "init_from")
+      _check_arch(cfg, init_meta, "init_from")
+    if cfg.train_mode == "distill" and cfg.mode != "eval":
+      teacher_meta = load_lib.read_meta(cfg.teacher, "teacher")
+      if not teacher_meta.model_config.num_classes:
+        raise ConfigError(
+            f"--teacher={cfg.teacher!r} has no 'logits_sup' output; give a "
+            "fine-tuned export.")
+  except load_lib.ExportError as e:
+    raise ConfigError(str(e)) from e
+
+  num_classes = info.num_classes
+  if teacher_meta is not None:
+    t_classes = teacher_meta.model_config.num_classes
+    if num_classes and num_classes != t_classes:
+      raise ConfigError(
+          f"--teacher={cfg.teacher!r} predicts {t_classes} classes but "
+          f"--dataset={cfg.dataset} has {num_classes}; distill on the data "
+          "the teacher was fine-tuned for.")
+    num_classes = t_classes
+  if cfg.train_mode == "finetune" and not num_classes:
+    raise ConfigError(
+        f"--dataset={cfg.dataset} has no labels (no class folders); "
+        "--train_mode=finetune needs labeled data.")
+  model_config = config_lib.model_config(cfg, num_classes)
+
+  num_train = info.num_train_examples
+  if cfg.mode != "eval" and cfg.train_batch_size > num_train:
+    raise ConfigError(
+        f"--train_batch_size={cfg.train_batch_size} is larger than the "
+        f"{num_train} training examples; use at most {num_train}.")
+  spe = config_lib.steps_per_epoch(num_train, cfg.train_batch_size)
+  total = config_lib.total_train_steps(cfg, num_train)
+  chunk = cfg.checkpoint_steps or max(1, spe * max(1, cfg.checkpoint_epochs))
+  chunk = min(chunk, max(total, 1))
+  return Plan(info=info, model_config=model_config, num_train_examples=num_train,
+              total_steps=total, steps_per_epoch=spe, chunk_steps=chunk,
+              init_meta=init_meta, teacher_meta=teacher_meta)
+
+
+# --- Model, optimizer, learner ---------------------------------------------
+
+def _new_head(path: str) -> bool:
+  """The supervised head is new in every training stage (zero-initialised)."""
+  return "head_supervised" in path.split("/")
+
+
+def build_net(cfg: Config, plan: Plan) -> simclr_lib.SimCLR:
+  """Builds the network, restored from --init_from when given (checked)."""
+  net = simclr_lib.build_model(plan.model_config, cfg.image_size)
+  if plan.init_meta is not None:
+    source, _, report = load_lib.load_model(
+        cfg.init_from, dataclasses.replace(plan.model_config,
+                                           global_bn=False),
+        new_weights=_new_head if cfg.mode != "eval" else None)
+    simclr_lib.copy_weights(source, net)
+    log.info("Restored %d weights from %s; new: %s", len(report.restored),
+             cfg.init_from, list(report.missing) or "none")
+  simclr_lib.freeze_before_block(net, cfg.fine_tune_after_block
+                                 if cfg.train_mode != "pretrain" else -1)
+  return net
+
+
+def build_optimizer(cfg: Config, plan: Plan, net):
+  schedule = WarmUpAndCosineDecay(
+      cfg.learning_rate, cfg.train_batch_size, plan.total_steps,
+      config_lib.warmup_steps(cfg, plan.num_train_examples),
+      scaling=cfg.learning_rate_scaling)
+  groups = simclr_lib.decay_groups(net, cfg.optimizer)
+  if cfg.optimizer == "lars":
+    opt = LARS(schedule, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    undecayed = list(groups.excluded) + list(groups.loss_l2)
+    opt.exclude_from_weight_decay(var_list=undecayed)
+    opt.exclude_from_layer_adaptation(var_list=undecayed)
+  elif cfg.optimizer == "momentum":
+    opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum)
+  else:
+    opt = keras.optimizers.Adam(schedule)
+  if cfg.precision == "mixed_float16":
+    opt = keras.optimizers.LossScaleOptimizer(opt)
+  return opt, schedule, groups
+
+
+def make_teacher(cfg: Config):
+  if cfg.train_mode != "distill" or cfg.mode == "eval":
+    return None
+  logits_fn, _ = load_lib.load_logits_fn(cfg.teacher, "teacher")
+  return logits_fn
+
+
+def build_learner(cfg: Config, plan: Plan):
+  net = build_net(cfg, plan)
+  opt, schedule, groups = build_optimizer(cfg, plan, net)
+  teacher = make_teacher(cfg)
+  task = tasks_lib.make_task(
+      cfg.train_mode, temperature=cfg.temperature, hidden_norm=cfg.hidden_norm,
+      distill_temperature=cfg.distill_temperature,
+      distill_label_weight=cfg.distill_label_weight, teacher=teacher)
+  learner = Learner(net, task, l2_variables=groups.loss_l2,
+                    weight_decay=cfg.weight_decay)
+  learner.compile(optimizer=opt, jit_compile=cfg.jit_compile,
+                  steps_per_execution=cfg.steps_per_execution)
+  opt.build(net.trainable_variables)
+  return learner, schedule
+
+
+# --- Data --------------------------------------------------------------------
+
+def train_dataset(cfg: Config, plan: Plan, strategy, start_step: int):
+  stage = cfg.train_mode
+
+  def fn(ctx):
+    return datasets.build_dataset(
+        dataset=cfg.dataset, data_dir=cfg.data_dir, split=cfg.train_split,
+        stage=stage, image_size=cfg.image_size,
+        batch_size=ctx.get_per_replica_batch_size(cfg.train_batch_size),
+        seed=cfg.seed, color_jitter_strength=cfg.color_jitter_strength,
+        use_blur=cfg.use_blur, cache=cfg.cache_dataset,
+        label_fraction=cfg.label_fraction if stage == "finetune" else 1.0,
+        subset_file=os.path.join(cfg.model_dir, "label_subset.txt")
+        if stage == "finetune" and cfg.label_fraction < 1.0 else None,
+        input_context=ctx, strict=cfg.strict_data, start_step=start_step)
+
+  return strategy.distribute_datasets_from_function(fn)
+
+
+def eval_dataset(cfg: Config, strategy):
+  def fn(ctx):
+    return datasets.build_dataset(
+        dataset=cfg.dataset, data_dir=cfg.data_dir, split=cfg.eval_split,
+        stage="eval", image_size=cfg.image_size,
+        batch_size=ctx.get_per_replica_batch_size(cfg.eval_batch_size),
+        cache=False, input_context=ctx, strict=cfg.strict_data)
+
+  return strategy.distribute_datasets_from_function(fn)
+
+
+def log_augmented_pairs(cfg: Config, log_dir: str) -> None:
+  """Writes a few augmented pairs to TensorBoard (people want to see them)."""
+  ds = datasets.build_dataset(
+      dataset=cfg.dataset, data_dir=cfg.data_dir, split=cfg.train_split,
+      stage="pretrain", image_size=cfg.image_size, batch_size=8, seed=cfg.seed,
+      color_jitter_strength=cfg.color_jitter_strength, use_blur=cfg.use_blur,
+      cache=False)
+  batch = next(iter(ds))
+  cb.write_image_pairs(log_dir, batch["view1"], batch["view2"])
+
+
+# --- Training, evaluation, export -------------------------------------------
+
+def checkpoint_manager(cfg: Config, learner: Learner, chief: bool):
+  ckpt = tf.train.Checkpoint(model=learner.net, optimizer=learner.optimizer)
+  directory = os.path.join(cfg.model_dir, "checkpoints")
+  if not chief:   # other workers write to a scratch folder, then discard it
+    directory = os.path.join(cfg.model_dir, ".worker_scratch",
+                             str(os.getpid()))
+  return tf.train.CheckpointManager(ckpt, directory,
+                                    max_to_keep=cfg.keep_checkpoint_max)
+
+
+def train(cfg: Config, plan: Plan, strategy, learner, schedule, manager,
+          chief: bool) -> int:
+  """Trains until plan.total_steps, resuming from the latest checkpoint."""
+  step = int(learner.optimizer.iterations.numpy())
+  if step >= plan.total_steps:
+    log.info("Already trained %d/%d steps; nothing to do.", step,
+             plan.total_steps)
+    return step
+  if cfg.train_mode == "pretrain" and cfg.log_images and chief and step == 0:
+    log_augmented_pairs(cfg, os.path.join(cfg.model_dir, "train"))
+  data = train_dataset(cfg, plan, strategy, start_step=step)
+  callbacks = [
+      cb.CheckNumerics(),
+      cb.StopAtStep(plan.total_steps),
+      cb.Checkpointer(manager),
+  ]
+  if chief:
+    callbacks.append(cb.Summaries(os.path.join(cfg.model_dir, "train"),
+                                  every_steps=min(50, plan.chunk_steps),
+                                  learning_rate=schedule))
+  epochs = math.ceil(plan.total_steps / plan.chunk_steps)
+  learner.fit(data, epochs=epochs, initial_epoch=step // plan.chunk_steps,
+              steps_per_epoch=plan.chunk_steps, callbacks=callbacks,
+              shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+  return int(learner.optimizer.iterations.numpy())
+
+
+def evaluate(cfg: Config, strategy, learner, step: int, chief: bool) -> dict:
+  """Top-1/top-5/loss on --eval_split; writes result.json and TensorBoard."""
+  result = {"global_step": step, "eval_split": cfg.eval_split,
+            "train_mode": cfg.train_mode}
+  if learner.net.sup_head is None:
+    log.warning("The model has no supervised head (unlabeled data, or "
+                "--nolineareval_while_pretraining): nothing to evaluate.")
+  else:
+    metrics = learner.evaluate(eval_dataset(cfg, strategy), return_dict=True,
+                               verbose=0)
+    result.update({k: float(v) for k, v in metrics.items()})
+    if chief:
+      cb.write_scalars(os.path.join(cfg.model_dir, "eval"), step,
+                       {k: result[k] for k in ("loss", "top1", "top5")},
+                       prefix="eval")
+  if chief:
+    with open(os.path.join(cfg.model_dir, RESULT_FILE), "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def export(cfg: Config, plan: Plan, learner, step: int) -> str:
+  path = os.path.join(cfg.model_dir, EXPORT_DIR)
+  export_saved_model(learner.net, path, cfg.image_size,
+                     class_names=plan.info.class_names,
+                     train_mode=cfg.train_mode, global_step=step)
+  return path
+
+
+def eval_plan(cfg: Config, plan: Plan) -> Plan:
+  """`--mode=eval --init_from=EXPORT` evaluates the export as it is."""
+  if cfg.mode == "eval" and plan.init_meta is not None:
+    return dataclasses.replace(plan, model_config=plan.init_meta.model_config)
+  return plan
+
+
+def run(cfg: Config) -> dict:
+  """Runs `cfg.mode` for `cfg.train_mode`; returns the evaluation result."""
+  config_lib.validate(cfg)
+  prepare_model_dir(cfg)
+  keras.utils.set_random_seed(cfg.seed)
+  plan = eval_plan(cfg, make_plan(cfg))
+  strategy = distribute.make_strategy(cfg.strategy, cfg.tpu, cfg.cpu_replicas)
+  chief = distribute.is_chief(strategy)
+  keras.config.set_dtype_policy(cfg.precision)
+  log.info("Strategy %s with %d replica(s); %d steps of %s.",
+           type(strategy).__name__, strategy.num_replicas_in_sync,
+           plan.total_steps, cfg.train_mode)
+  with strategy.scope():
+    learner, schedule = build_learner(cfg, plan)
+  manager = checkpoint_manager(cfg, learner, chief)
+  if manager.latest_checkpoint:
+    manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    log.info("Resumed from %s", manager.latest_checkpoint)
+  elif cfg.mode == "eval" and plan.init_meta is None:
+    raise ConfigError(
+        f"--mode=eval found no checkpoint in --model_dir={cfg.model_dir!r}; "
+        "train first or pass --init_from=EXPORT.")
+  step = int(learner.optimizer.iterations.numpy())
+  start = time.time()
+  if cfg.mode in ("train", "train_then_eval"):
+    step = train(cfg, plan, strategy, learner, schedule, manager, chief)
+    if getattr(learner, "preempted", False):
+      log.warning("Stopped by SIGTERM at step %d; rerun to continue.", step)
+      return {"global_step": step, "preempted": True}
+  result = {"global_step": step, "train_seconds": time.time() - start}
+  if cfg.mode in ("eval", "train_then_eval"):
+    result.update(evaluate(cfg, strategy, learner, step, chief))
+  if chief:
+    result["export"] = export(cfg, plan, learner, step)
+    with open(os.path.join(cfg.model_dir, RESULT_FILE), "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def format_result(result: dict) -> str:
+  """One line per value, for the console."""
+  lines = ["Result:"]
+  for key, value in result.items():
+    shown = f"{value:.4f}" if isinstance(value, float) else value
+    lines.append(f"  {key}: {shown}")
+  return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""The shared train step: freezing, the frozen teacher, losses by hand."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import tasks
+from simclr_tf.config import ModelConfig
+from simclr_tf.learner import Learner
+from simclr_tf.models import simclr as simclr_lib
+
+SMALL = dict(proj_out_dim=16, num_classes=4, sup_head_input=1,
+             proj_layers_kept=1)
+
+
+def _batch(n=8, size=32, seed=0, labels=True):
+  rng = np.random.default_rng(seed)
+  image = tf.constant(rng.uniform(size=(n, size, size, 3)), tf.float32)
+  label = tf.constant(rng.integers(0, 4, n) if labels else -np.ones(n),
+                      tf.int32)
+  return {"image": image, "label": label}
+
+
+def _fit(learner, batch, steps):
+  ds = tf.data.Dataset.from_tensors(batch).repeat()
+  history = learner.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+  return history.history
+
+
+def _snapshot(variables):
+  return {v.path: v.numpy().copy() for v in variables}
+
+
+def _changed(before, variables):
+  return {v.path for v in variables
+          if np.abs(v.numpy() - before[v.path]).max() > 0}
+
+
+@pytest.mark.parametrize("after_block", [2, 4])
+def test_frozen_weights_and_bn_statistics_do_not_move(after_block):
+  net = simclr_lib.build_model(ModelConfig(**SMALL), 32)
+  simclr_lib.freeze_before_block(net, after_block)
+  learner = Learner(net, tasks.Finetune())
+  learner.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+  before = _snapshot(net.variables)
+  _fit(learner, _batch(), steps=2)
+  changed = _changed(before, net.variables)
+  frozen_prefixes = ["simclr/resnet/stem/"] + [
+      f"simclr/resnet/block_group{g}/" for g in range(1, after_block + 1)]
+  if after_block == 4:
+    frozen_prefixes.append("simclr/proj_head/")
+  frozen = {p for p in before if any(p.startswith(f) for f in frozen_prefixes)}
+  assert frozen and not frozen & changed
+  assert any("head_supervised" in p for p in changed)
+  if after_block == 2:   # group 3 trains, and its BN statistics move
+    assert any("block_group3/" in p and "moving_mean" in p for p in changed)
+
+
+def test_distillation_loss_by_hand_and_teacher_unchanged():
+  teacher_net = simclr_lib.build_model(ModelConfig(**SMALL), 32)
+  rng = np.random.default_rng(3)
+  for v in teacher_net.sup_head.weights:
+    v.assign(rng.standard_normal(v.shape).astype("float32"))
+  teacher_net.trainable = False
+  teacher = lambda images: teacher_net(images, training=False)["logits_sup"]
+  before = _snapshot(teacher_net.variables)
+
+  student = simclr_lib.build_model(ModelConfig(**SMALL), 32)
+  temperature = 0.5
+  task = tasks.Distill(teacher, temperature)
+  batch = _batch(labels=False)
+  # By hand: the zero-initialised student head gives uniform predictions, so
+  # the loss is T^2 * CE(p_teacher, uniform) = T^2 * log(C), whatever p_t.
+  loss, values = task(student, batch, training=False)
+  np.testing.assert_allclose(float(loss), temperature ** 2 * math.log(4),
+                             rtol=1e-6)
+  # And with a non-trivial student, against numpy.
+  for v in student.sup_head.weights:
+    v.assign(rng.standard_normal(v.shape).astype("float32"))
+  loss, _ = task(student, batch, training=False)
+  t = teacher(batch["image"]).numpy() / temperature
+  s = student(batch["image"])["logits_sup"].numpy() / temperature
+  p_t = np.exp(t - t.max(1, keepdims=True))
+  p_t /= p_t.sum(1, keepdims=True)
+  log_p_s = s - s.max(1, keepdims=True)
+  log_p_s -= np.log(np.exp(log_p_s).sum(1, keepdims=True))
+  expected = temperature ** 2 * np.mean(-(p_t * log_p_s).sum(1))
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+  learner = Learner(student, task)
+  learner.compile(optimizer=keras.optimizers.SGD(0.1))
+  logs = _fit(learner, batch, steps=2)
+  assert np.isfinite(logs["distill_loss"]).all()
+  assert not _changed(before, teacher_net.variables)
+
+
+def test_unlabeled_examples_do_not_count_in_the_supervised_loss():
+  net = simclr_lib.build_model(ModelConfig(**SMALL), 32)
+  for v in net.sup_head.weights:
+    v.assign(np.random.default_rng(0).standard_normal(v.shape)
+             .astype("float32"))
+  batch = _batch()
+  half = dict(batch, label=tf.concat([batch["label"][:4], -tf.ones(4, tf.int32)],
+                                     0))
+  loss_half, _ = tasks.Finetune()(net, half, training=False)
+  first = {k: v[:4] for k, v in batch.items()}
+  loss_first, _ = tasks.Finetune()(net, first, training=False)
+  np.testing.assert_allclose(float(loss_half), float(loss_first), rtol=1e-5)
+
+
+def test_weight_decay_term_is_logged_and_added():
+  net = simclr_lib.build_model(ModelConfig(**SMALL), 32)
+  groups = simclr_lib.decay_groups(net, "momentum")
+  learner = Learner(net, tasks.Finetune(), l2_variables=groups.loss_l2,
+                    weight_decay=1e-3)
+  expected = 1e-3 * sum(float(np.sum(v.numpy() ** 2)) / 2
+                        for v in groups.loss_l2)
+  np.testing.assert_allclose(float(learner._l2_term()), expected, rtol=1e-4)

@@ -1,0 +1,168 @@
+"""Writes a SimCLR model as a reusable, fine-tunable SavedModel.
+
+The export follows TF Hub's "reusable SavedModel" interface, so that
+`hub.KerasLayer` (tf-keras) and `keras.layers.TFSMLayer` (Keras 3) both load
+it and can fine-tune it:
+
+  obj(images, training=False) -> dict of named float32 outputs, traced for
+                                  training=True (batch-norm statistics update)
+                                  and training=False;
+  obj.variables, obj.trainable_variables, obj.regularization_losses;
+  obj.serve(images) and obj.train(images): the same in inference and
+                                  training mode, the endpoints of
+                                  keras.layers.TFSMLayer;
+  signature 'serving_default': images -> the same dict, inference mode.
+
+Images are float32 in [0, 1], NHWC, any batch and spatial size. The model's
+architecture and the structural path of every variable are written beside
+the graph (`assets.extra/simclr_tf.json`) so the next stage rebuilds the same
+Keras model and restores every weight by path, without tensor names.
+
+Exports are written to a temporary folder and moved into place, so a kill
+never leaves a half-written `saved_model/` and the previous export stays
+usable until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from simclr_tf.config import ModelConfig
+from simclr_tf.models.simclr import SimCLR, copy_weights
+
+META_DIR = "assets.extra"
+META_FILE = "simclr_tf.json"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportMeta:
+  """What an export carries besides its graph."""
+
+  model_config: ModelConfig
+  variable_paths: tuple        # order of `obj.variables`
+  image_size: int
+  class_names: tuple = ()
+  train_mode: str = ""
+  global_step: int = 0
+  format_version: int = FORMAT_VERSION
+
+  def to_json(self) -> str:
+    values = dataclasses.asdict(self)
+    values["model_config"] = dataclasses.asdict(self.model_config)
+    return json.dumps(values, indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "ExportMeta":
+    values = json.loads(text)
+    values["model_config"] = ModelConfig.from_dict(values["model_config"])
+    values["variable_paths"] = tuple(values["variable_paths"])
+    values["class_names"] = tuple(values.get("class_names", ()))
+    return cls(**values)
+
+
+class _float32_policy:
+  """Builds layers with float32 compute whatever the run's policy is."""
+
+  def __enter__(self):
+    self._saved = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+
+  def __exit__(self, *exc):
+    keras.config.set_dtype_policy(self._saved)
+
+
+def float32_copy(model: SimCLR, image_size: int) -> SimCLR:
+  """A float32, unsynchronised-BN copy of `model` with the same weights.
+
+  Exports compute in float32 whatever precision training used, and their
+  outputs are exactly those of this copy.
+  """
+  config = dataclasses.replace(model.model_config, global_bn=False)
+  with _float32_policy():
+    copy = SimCLR(config, name=model.name).build_for(image_size)
+  copy_weights(model, copy)
+  return copy
+
+
+class _Reusable(tf.__internal__.tracking.AutoTrackable):
+  """The root object of the export (TF Hub reusable SavedModel)."""
+
+  def __init__(self, model: SimCLR):
+    super().__init__()
+    self._net = model
+    self.variables = [v.value for v in model.variables]
+    self.trainable_variables = [v.value for v in model.trainable_variables]
+    self.regularization_losses = []
+
+    def call(images, training=False):
+      return model(tf.convert_to_tensor(images, tf.float32),
+                   training=training)
+
+    spec = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+    self.__call__ = tf.function(call)
+    for training in (True, False):
+      self.__call__.get_concrete_function(spec, training=training)
+    # Endpoints for keras.layers.TFSMLayer(call_endpoint="serve",
+    # call_training_endpoint="train") under Keras 3.
+    self.serve = tf.function(lambda images: call(images, training=False),
+                             input_signature=[spec])
+    self.train = tf.function(lambda images: call(images, training=True),
+                             input_signature=[spec])
+
+
+def export_saved_model(model: SimCLR, export_dir: str, image_size: int,
+                       class_names: Sequence[str] = (), train_mode: str = "",
+                       global_step: int = 0) -> ExportMeta:
+  """Writes `model` to `export_dir` atomically; returns what it recorded."""
+  model = float32_copy(model, image_size)
+  root = _Reusable(model)
+  meta = ExportMeta(
+      model_config=model.model_config,
+      variable_paths=tuple(v.path for v in model.variables),
+      image_size=image_size, class_names=tuple(class_names),
+      train_mode=train_mode, global_step=int(global_step))
+  export_dir = os.path.abspath(export_dir)
+  parent = os.path.dirname(export_dir)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".saved_model.tmp-", dir=parent)
+  try:
+    tf.saved_model.save(root, staging,
+                        signatures={"serving_default": root.serve})
+    os.makedirs(os.path.join(staging, META_DIR), exist_ok=True)
+    with open(os.path.join(staging, META_DIR, META_FILE), "w") as f:
+      f.write(meta.to_json())
+    _swap_into_place(staging, export_dir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return meta
+
+
+def _swap_into_place(staging: str, export_dir: str) -> None:
+  """Replaces `export_dir` by `staging` with renames only.
+
+  The old export is renamed aside (one rename), the new one renamed in (one
+  rename), then the old one deleted. A kill between the two renames leaves
+  the old export at `<export_dir>.old-*`, which `resolve_export` finds.
+  """
+  old: Optional[str] = None
+  if os.path.exists(export_dir):
+    old = f"{export_dir}.old-{int(time.time() * 1000)}"
+    os.rename(export_dir, old)
+  os.rename(staging, export_dir)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def has_meta(export_dir: str) -> bool:
+  return os.path.exists(os.path.join(export_dir, META_DIR, META_FILE))
