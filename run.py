@@ -7,8 +7,11 @@ The only module that defines or reads flags: it turns them into a frozen
   python run.py --flagfile=flags/cifar10_pretrain.cfg \
       --dataset=image_folder --data_dir=../shared/data/cifar10
 
-Bad flag values exit with status 2 and a one-line message before any model
-is built.
+Exit status: 0 done; 2 bad flags, data, exports or model_dir (a one-line
+message, before any model is built); 3 training stopped on a non-finite loss
+or an unwritable checkpoint (one line; the last checkpoint and export are
+left untouched); 143 stopped by SIGTERM after saving a checkpoint (rerun the
+same command to continue).
 """
 
 from __future__ import annotations
@@ -154,9 +157,15 @@ def config_from_flags() -> config_lib.Config:
   return config_lib.Config(**values)
 
 
-def _fail(message: str) -> None:
+# Exit statuses (see the module docstring).
+EXIT_BAD_CONFIG = 2
+EXIT_TRAINING_FAILED = 3
+EXIT_PREEMPTED = 128 + 15   # what a shell reports for a SIGTERM'd program
+
+
+def _fail(message: str, status: int = EXIT_BAD_CONFIG) -> None:
   print(f"run.py: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 _HELP_FLAGS = ("--help", "-h", "-?", "--helpfull", "--helpshort",
@@ -200,12 +209,17 @@ def main(argv):
     _fail(str(e))
   from simclr_tf import distribute  # pylint: disable=g-import-not-at-top
   distribute.split_cpu(cfg.cpu_replicas)
+  from simclr_tf import callbacks  # pylint: disable=g-import-not-at-top
   from simclr_tf import runner  # pylint: disable=g-import-not-at-top
   try:
     result = runner.run(cfg)
   except config_lib.ConfigError as e:
     _fail(str(e))
+  except (callbacks.NonFiniteLossError, callbacks.CheckpointWriteError) as e:
+    _fail(str(e), EXIT_TRAINING_FAILED)
   print(runner.format_result(result))
+  if result.get("preempted"):
+    sys.exit(EXIT_PREEMPTED)
 
 
 def entry_point():

@@ -79,13 +79,19 @@ class Learner(keras.Model):
 
   @staticmethod
   def _update(trackers, values):
+    """Updates the trackers the task produced values for (a pretraining run
+    without labels has no `sup_*` values); returns their results."""
+    logs = {}
     for tracker in trackers:
+      if tracker.name not in values:
+        continue
       value = values[tracker.name]
       if isinstance(value, tuple):
         tracker.update_state(value[0], sample_weight=value[1])
       else:
         tracker.update_state(value)
-    return {t.name: t.result() for t in trackers}
+      logs[tracker.name] = tracker.result()
+    return logs
 
 
 def _unpack(data):

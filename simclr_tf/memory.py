@@ -28,9 +28,10 @@ contain each image's own memory projection, a false negative).
 
 Everything here works in a replica context of any `tf.distribute` strategy
 (and outside any strategy) and inside `tf.function`. The object is a Keras
-layer, so `tf.train.Checkpoint(memory=...)` saves the memory network, the
-queue, its write pointer and fill count, and a resumed run continues with
-the same queue. The memory network is never exported.
+layer whose checkpoint dependencies are every memory-network weight (by
+path), the queue, its write pointer and its fill count, so
+`tf.train.Checkpoint(memory=...)` saves all of them and a resumed run
+continues with the same memory network and queue. The memory network is never exported.
 """
 
 from __future__ import annotations
@@ -63,6 +64,18 @@ def relative_path(variable, model: keras.Model) -> str:
   if path.startswith(prefix):
     return path[len(prefix):]
   return path.split("/", 1)[-1]
+
+
+class _VariablesByPath(tf.Module):
+  """Checkpoint dependencies on variables, named by their paths.
+
+  Args:
+    variables: {path: variable}.
+  """
+
+  def __init__(self, variables: dict):
+    super().__init__(name="variables_by_path")
+    self.by_path = dict(variables)
 
 
 class Memory(keras.layers.Layer):
@@ -129,6 +142,13 @@ class Memory(keras.layers.Layer):
     dummy = tf.zeros([1, self.image_size, self.image_size, 3])
     self.key_dim = int(
         self.memory_net(dummy, training=False)["proj_head_output"].shape[-1])
+    # Keras 3 does not make the layers it keeps in Python lists (the block
+    # groups, the projection layers) checkpoint dependencies, so
+    # `tf.train.Checkpoint` would miss most memory weights; this tf.Module
+    # names every one of them by its path instead.
+    self.memory_net_weights = _VariablesByPath(
+        {relative_path(v, self.memory_net): v
+         for v in self.memory_net.variables})
     # The queue: [K, D] keys, the next slot to write and how many slots hold
     # a key (K once the queue has wrapped around).
     self.queue = self.add_weight(
@@ -269,7 +289,7 @@ class Memory(keras.layers.Layer):
     kept = keys[first:]
     slots = (tf.convert_to_tensor(self.pointer) + first +
              tf.range(n - first, dtype=tf.int64)) % size
-    self.queue.value.scatter_nd_update(slots[:, tf.newaxis], kept)
+    self.queue.value.scatter_update(tf.IndexedSlices(kept, slots))
     self.pointer.assign((tf.convert_to_tensor(self.pointer) + n) % size)
     self.count.assign(tf.minimum(tf.convert_to_tensor(self.count) + n, size))
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Optional
@@ -27,6 +28,7 @@ from simclr_tf import tasks as tasks_lib
 from simclr_tf.config import Config, ConfigError, ModelConfig
 from simclr_tf.data import datasets
 from simclr_tf.learner import Learner
+from simclr_tf.memory import Memory
 from simclr_tf.models import simclr as simclr_lib
 from simclr_tf.optim.lars import LARS
 from simclr_tf.optim.schedules import WarmUpAndCosineDecay
@@ -59,22 +61,34 @@ class Plan:
 
 # --- Checks that need files but no model -----------------------------------
 
+def write_atomic(path: str, text: str) -> None:
+  """Writes a small file so that a kill leaves the old or the new content."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def prepare_model_dir(cfg: Config) -> None:
   """Creates model_dir, proves it is writable, records the flags."""
+  probe = os.path.join(cfg.model_dir, ".write_probe")
   try:
     os.makedirs(cfg.model_dir, exist_ok=True)
-    probe = os.path.join(cfg.model_dir, ".write_probe")
-    with open(probe, "wb") as f:
-      f.write(b"\0" * (1 << 20))
-      f.flush()
-      os.fsync(f.fileno())
-    os.remove(probe)
+    try:
+      with open(probe, "wb") as f:
+        f.write(b"\0" * (1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
   except OSError as e:
+    reason = ("a file, not a folder" if isinstance(e, FileExistsError)
+              else e.strerror)
     raise ConfigError(
-        f"--model_dir={cfg.model_dir!r} is not writable ({e.strerror}); "
+        f"--model_dir={cfg.model_dir!r} is not writable ({reason}); "
         "choose a folder with free space that you can write to.") from e
-  with open(os.path.join(cfg.model_dir, "flags.json"), "w") as f:
-    f.write(cfg.to_json())
+  write_atomic(os.path.join(cfg.model_dir, "flags.json"), cfg.to_json())
 
 
 def _check_arch(cfg: Config, meta, flag: str) -> None:
@@ -198,10 +212,20 @@ def build_learner(cfg: Config, plan: Plan):
   net = build_net(cfg, plan)
   opt, schedule, groups = build_optimizer(cfg, plan, net)
   teacher = make_teacher(cfg)
+  memory = None
+  if (cfg.memory_size > 0 and cfg.train_mode == "pretrain" and
+      cfg.mode != "eval"):
+    # SimCLRv2's memory starts as a copy of the (possibly --init_from) net;
+    # a checkpoint restore then overwrites it with the saved one.
+    memory = Memory(plan.model_config, cfg.image_size, cfg.memory_size,
+                    cfg.memory_momentum)
+    memory.initialize_from(net)
+  # --mode=eval only runs test_step, which is the same for every stage.
   task = tasks_lib.make_task(
-      cfg.train_mode, temperature=cfg.temperature, hidden_norm=cfg.hidden_norm,
+      cfg.train_mode if cfg.mode != "eval" else "finetune", temperature=cfg.temperature, hidden_norm=cfg.hidden_norm,
       distill_temperature=cfg.distill_temperature,
-      distill_label_weight=cfg.distill_label_weight, teacher=teacher)
+      distill_label_weight=cfg.distill_label_weight, teacher=teacher,
+      memory=memory)
   learner = Learner(net, task, l2_variables=groups.loss_l2,
                     weight_decay=cfg.weight_decay)
   learner.compile(optimizer=opt, jit_compile=cfg.jit_compile,
@@ -254,14 +278,98 @@ def log_augmented_pairs(cfg: Config, log_dir: str) -> None:
 
 # --- Training, evaluation, export -------------------------------------------
 
+class _WeightsByPath(tf.Module):
+  """Checkpoint dependencies on every variable of a model, by its path.
+
+  Keras 3 does not make layers kept in Python lists (the block groups, the
+  projection layers) checkpoint dependencies of the model, so without this
+  `tf.train.Checkpoint(model=net)` would save only the trainable weights (via
+  the optimizer) and lose every batch-norm moving average on resume.
+  """
+
+  def __init__(self, model: keras.Model):
+    super().__init__(name="weights_by_path")
+    self.by_path = dict(simclr_lib.variables_by_path(model))
+
+
 def checkpoint_manager(cfg: Config, learner: Learner, chief: bool):
-  ckpt = tf.train.Checkpoint(model=learner.net, optimizer=learner.optimizer)
+  extra = {}
+  if getattr(learner.task, "memory", None) is not None:
+    extra["memory"] = learner.task.memory    # queue, pointer, memory net
+  ckpt = tf.train.Checkpoint(model=learner.net, optimizer=learner.optimizer,
+                             net_weights=_WeightsByPath(learner.net), **extra)
   directory = os.path.join(cfg.model_dir, "checkpoints")
   if not chief:   # other workers write to a scratch folder, then discard it
     directory = os.path.join(cfg.model_dir, ".worker_scratch",
                              str(os.getpid()))
   return tf.train.CheckpointManager(ckpt, directory,
                                     max_to_keep=cfg.keep_checkpoint_max)
+
+
+def restore_latest(manager: tf.train.CheckpointManager) -> Optional[str]:
+  """Restores the newest checkpoint that reads back; None if there is none.
+
+  A kill during a save cannot damage the checkpoints listed in the index
+  (TensorFlow writes the files first, then replaces the index), but a disk
+  error can; then the previous checkpoint is used, with a warning.
+  """
+  for leftover in tf.io.gfile.glob(os.path.join(manager.directory,
+                                                "*_temp*")):
+    # Files of a save that was killed before it completed.
+    if tf.io.gfile.isdir(leftover):
+      tf.io.gfile.rmtree(leftover)
+    else:
+      tf.io.gfile.remove(leftover)
+  candidates = list(reversed(manager.checkpoints)) or (
+      [manager.latest_checkpoint] if manager.latest_checkpoint else [])
+  errors = []
+  for path in candidates:
+    try:
+      manager.checkpoint.restore(path).assert_existing_objects_matched()
+      return path
+    except Exception as e:  # pylint: disable=broad-except
+      # Damaged files fail in many ways (OpError, IndexError, ...).
+      errors.append(str(e).strip().splitlines()[0][:200])
+      log.warning("Cannot restore %s (%s); trying an older checkpoint.",
+                  path, errors[-1])
+  if candidates:
+    raise ConfigError(
+        f"--model_dir={os.path.dirname(manager.directory)!r} has "
+        f"{len(candidates)} checkpoint(s) but none can be restored (newest: "
+        f"{errors[0]}); they were written with other architecture flags or "
+        "are damaged: rerun with the flags that wrote them, or choose a new "
+        "--model_dir.")
+  return None
+
+
+def _num_bytes(variables) -> int:
+  return sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size
+             for v in variables)
+
+
+def _folder_bytes(folder: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f))
+             for d, _, files in os.walk(folder) for f in files)
+
+
+def check_free_space(cfg: Config, learner: Learner) -> None:
+  """Fails now, not hours later, when model_dir cannot hold the outputs.
+
+  The outputs are --keep_checkpoint_max checkpoints plus the one being
+  written (weights and optimizer slots each) and an export (weights);
+  checkpoints already in model_dir count as written.
+  """
+  weights = _num_bytes(learner.net.variables)
+  ckpt = weights + _num_bytes(learner.optimizer.variables)
+  written = _folder_bytes(os.path.join(cfg.model_dir, "checkpoints"))
+  need = (cfg.keep_checkpoint_max + 1) * ckpt + weights - written
+  free = shutil.disk_usage(cfg.model_dir).free
+  if free < need:
+    raise ConfigError(
+        f"--model_dir={cfg.model_dir!r} has {free / 1e6:.0f} MB free but "
+        f"--keep_checkpoint_max={cfg.keep_checkpoint_max} checkpoints and the "
+        f"export of this model need about {need / 1e6:.0f} MB more; free some "
+        "space, lower --keep_checkpoint_max or choose another --model_dir.")
 
 
 def train(cfg: Config, plan: Plan, strategy, learner, schedule, manager,
@@ -275,19 +383,23 @@ def train(cfg: Config, plan: Plan, strategy, learner, schedule, manager,
   if cfg.train_mode == "pretrain" and cfg.log_images and chief and step == 0:
     log_augmented_pairs(cfg, os.path.join(cfg.model_dir, "train"))
   data = train_dataset(cfg, plan, strategy, start_step=step)
+  checkpointer = cb.Checkpointer(manager)
   callbacks = [
       cb.CheckNumerics(),
       cb.StopAtStep(plan.total_steps),
-      cb.Checkpointer(manager),
+      checkpointer,
   ]
   if chief:
     callbacks.append(cb.Summaries(os.path.join(cfg.model_dir, "train"),
                                   every_steps=min(50, plan.chunk_steps),
                                   learning_rate=schedule))
   epochs = math.ceil(plan.total_steps / plan.chunk_steps)
-  learner.fit(data, epochs=epochs, initial_epoch=step // plan.chunk_steps,
-              steps_per_epoch=plan.chunk_steps, callbacks=callbacks,
-              shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+  try:
+    learner.fit(data, epochs=epochs, initial_epoch=step // plan.chunk_steps,
+                steps_per_epoch=plan.chunk_steps, callbacks=callbacks,
+                shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+  finally:
+    checkpointer.close()
   return int(learner.optimizer.iterations.numpy())
 
 
@@ -307,8 +419,8 @@ def evaluate(cfg: Config, strategy, learner, step: int, chief: bool) -> dict:
                        {k: result[k] for k in ("loss", "top1", "top5")},
                        prefix="eval")
   if chief:
-    with open(os.path.join(cfg.model_dir, RESULT_FILE), "w") as f:
-      json.dump(result, f, indent=2)
+    write_atomic(os.path.join(cfg.model_dir, RESULT_FILE),
+                 json.dumps(result, indent=2))
   return result
 
 
@@ -341,10 +453,12 @@ def run(cfg: Config) -> dict:
            plan.total_steps, cfg.train_mode)
   with strategy.scope():
     learner, schedule = build_learner(cfg, plan)
+  if cfg.mode != "eval" and chief:
+    check_free_space(cfg, learner)
   manager = checkpoint_manager(cfg, learner, chief)
-  if manager.latest_checkpoint:
-    manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    log.info("Resumed from %s", manager.latest_checkpoint)
+  restored = restore_latest(manager)
+  if restored:
+    log.info("Resumed from %s", restored)
   elif cfg.mode == "eval" and plan.init_meta is None:
     raise ConfigError(
         f"--mode=eval found no checkpoint in --model_dir={cfg.model_dir!r}; "
@@ -361,8 +475,8 @@ def run(cfg: Config) -> dict:
     result.update(evaluate(cfg, strategy, learner, step, chief))
   if chief:
     result["export"] = export(cfg, plan, learner, step)
-    with open(os.path.join(cfg.model_dir, RESULT_FILE), "w") as f:
-      json.dump(result, f, indent=2)
+    write_atomic(os.path.join(cfg.model_dir, RESULT_FILE),
+                 json.dumps(result, indent=2))
   return result
 
 

@@ -42,11 +42,20 @@ def masked_global_mean(values, mask):
 
 
 def top_k_correct(labels, logits, k):
-  """1.0 where the label is among the k largest logits, per example."""
-  k = min(k, logits.shape[-1])
+  """1.0 where the label is among the k largest logits, per example.
+
+  Ties are broken by class index (as argmax does), so a constant prediction
+  is right for one class only; tf.math.in_top_k would count every tied class
+  as correct, which makes a zero-initialised head look perfect.
+  """
+  logits = tf.cast(logits, tf.float32)                         # [B, C]
   labels = tf.cast(labels, tf.int32)
-  return tf.cast(tf.math.in_top_k(labels, tf.cast(logits, tf.float32), k),
-                 tf.float32)
+  label_logit = tf.gather(logits, labels, axis=1, batch_dims=1)[:, None]
+  classes = tf.range(tf.shape(logits)[1])[None, :]
+  ahead = (logits > label_logit) | (
+      (logits == label_logit) & (classes < labels[:, None]))
+  rank = tf.reduce_sum(tf.cast(ahead, tf.int32), axis=1)      # [B]
+  return tf.cast(rank < k, tf.float32)
 
 
 def classification_metrics(labels, logits, prefix="sup"):
@@ -66,25 +75,42 @@ class Pretrain:
 
   def __init__(self, temperature: float, hidden_norm: bool = True,
                memory=None):
+    """Creates the task.
+
+    Args:
+      temperature: NT-Xent temperature.
+      hidden_norm: l2-normalise the projections.
+      memory: optional `simclr_tf.memory.Memory`, SimCLRv2's moving-average
+        network whose queued keys are extra negatives; adds the
+        'memory_fill' metric (fraction of the queue holding keys).
+    """
     self.temperature = temperature
     self.hidden_norm = hidden_norm
     self.memory = memory
+    if memory is not None:
+      self.metric_names = Pretrain.metric_names + ("memory_fill",)
 
   def __call__(self, model, batch, training):
     view1, view2, labels = batch["view1"], batch["view2"], batch["label"]
     images = tf.concat([view1, view2], axis=0)          # [2B, H, W, 3]
     outputs = model(images, training=training)
     z1, z2 = tf.split(outputs["proj_head_output"], 2, axis=0)   # [B, D] each
-    extra = {}
+    extra, keys = {}, None
     if self.memory is not None:
-      extra = self.memory.negatives(images, training=training)
+      # Moving-average update, then the queue (past keys) as extra negatives.
+      extra, keys = self.memory.contrast_kwargs(model, images,
+                                                training=training)
     con = losses.nt_xent(z1, z2, self.temperature,
                          hidden_norm=self.hidden_norm, **extra)
+    if keys is not None and training:
+      self.memory.enqueue(keys)      # after the loss read the queue
     stats = losses.contrastive_metrics(con.logits_ab, con.labels)
     loss = global_mean(con.loss)
     metrics = {"contrast_loss": con.loss,
                "contrast_acc": stats["accuracy"],
                "contrast_entropy": stats["entropy"]}
+    if self.memory is not None:
+      metrics["memory_fill"] = self.memory.fill_level()
     if "logits_sup" in outputs:
       both = tf.concat([labels, labels], axis=0)
       sup = classification_metrics(both, outputs["logits_sup"])

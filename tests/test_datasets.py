@@ -191,7 +191,7 @@ def test_errors(tmp_path):
 def test_tfds_with_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=40):
     info = datasets.get_info("cifar10", str(tmp_path), "train", "test")
-    assert info.num_classes == 10 and info.class_names[0] == "airplane"
+    assert info.num_classes == 10 and len(info.class_names) == 10
     assert info.num_train_examples == 40 and info.num_eval_examples == 40
     common = dict(dataset="cifar10", data_dir=str(tmp_path), split="train",
                   image_size=32, batch_size=8)

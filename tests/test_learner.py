@@ -119,3 +119,14 @@ def test_weight_decay_term_is_logged_and_added():
   expected = 1e-3 * sum(float(np.sum(v.numpy() ** 2)) / 2
                         for v in groups.loss_l2)
   np.testing.assert_allclose(float(learner._l2_term()), expected, rtol=1e-4)
+
+
+def test_top_k_breaks_ties_by_class_index():
+  logits = tf.constant([[0.0, 0.0, 0.0], [1.0, 3.0, 2.0], [5.0, 5.0, 1.0]])
+  labels = tf.constant([1, 2, 1])
+  np.testing.assert_array_equal(tasks.top_k_correct(labels, logits, 1),
+                                [0.0, 0.0, 0.0])
+  np.testing.assert_array_equal(tasks.top_k_correct(labels, logits, 2),
+                                [1.0, 1.0, 1.0])
+  np.testing.assert_array_equal(
+      tasks.top_k_correct(tf.constant([0, 1, 0]), logits, 1), [1.0, 1.0, 1.0])

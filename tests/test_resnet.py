@@ -39,8 +39,13 @@ def _expected_trainable(depth: int, w: int, sk_ratio: float = 0.0,
   """
   block, blocks = resnet_lib.BLOCK_TYPES[depth]
   bottleneck = block == "bottleneck"
-  conv = lambda k, cin, cout: k * k * cin * cout  # pylint: disable=g-long-lambda
-  bn = lambda c: 2 * c
+
+  def conv(k, cin, cout):
+    return k * k * cin * cout
+
+  def bn(c):
+    return 2 * c  # gamma and beta
+
   width = 64 * w
   if cifar_stem:
     total = conv(3, 3, width) + bn(width)
@@ -170,8 +175,8 @@ def test_cifar_resnet18_parameter_count():
   assert _expected_trainable(18, 1, cifar_stem=True) == 11_173_056
 
 
-@pytest.mark.parametrize("depth,width,sk_ratio", [(34, 1, 0.0), (18, 2, SK_RATIO),
-                                                  (34, 1, SK_RATIO)])
+@pytest.mark.parametrize("depth,width,sk_ratio",
+                         [(34, 1, 0.0), (18, 2, SK_RATIO), (34, 1, SK_RATIO)])
 def test_parameter_count_matches_hand_count(depth, width, sk_ratio):
   model = _built(depth=depth, width_multiplier=width, sk_ratio=sk_ratio)
   assert _num_params(model.trainable_weights) == _expected_trainable(

@@ -20,12 +20,15 @@ Keras model and restores every weight by path, without tensor names.
 
 Exports are written to a temporary folder and moved into place, so a kill
 never leaves a half-written `saved_model/` and the previous export stays
-usable until the new one is complete.
+usable until the new one is complete. What a killed export leaves behind (its
+temporary folder, or the previous export set aside) is deleted by the next
+export that completes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -134,7 +137,7 @@ def export_saved_model(model: SimCLR, export_dir: str, image_size: int,
   export_dir = os.path.abspath(export_dir)
   parent = os.path.dirname(export_dir)
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".saved_model.tmp-", dir=parent)
+  staging = tempfile.mkdtemp(prefix=_staging_prefix(export_dir), dir=parent)
   try:
     tf.saved_model.save(root, staging,
                         signatures={"serving_default": root.serve})
@@ -145,7 +148,26 @@ def export_saved_model(model: SimCLR, export_dir: str, image_size: int,
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+  _remove_leftovers(export_dir)
   return meta
+
+
+def _staging_prefix(export_dir: str) -> str:
+  return f".{os.path.basename(export_dir)}.tmp-"
+
+
+def _remove_leftovers(export_dir: str) -> None:
+  """Deletes what killed exports to `export_dir` left beside it.
+
+  Only called once a complete export is in place, so the previous export set
+  aside by an interrupted swap (`<export_dir>.old-*`) is no longer needed.
+  """
+  parent = os.path.dirname(export_dir)
+  pattern = os.path.join(glob.escape(parent),
+                         glob.escape(_staging_prefix(export_dir)) + "*")
+  old = glob.escape(export_dir) + ".old-*"
+  for path in glob.glob(pattern) + glob.glob(old):
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _swap_into_place(staging: str, export_dir: str) -> None:

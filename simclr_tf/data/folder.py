@@ -8,11 +8,12 @@ Layouts (ROOT is `--data_dir`, or the bundled sample's directory):
 Files may be JPEG, PNG (8 or 16 bit), BMP or GIF (first frame), of any size,
 grayscale, gray+alpha, RGB or RGBA; every image is converted to 8-bit RGB.
 Hidden files and folders (names starting with '.') are ignored, symbolic
-links are followed. Files that cannot be used (empty, not an image,
-truncated, corrupt) are skipped and counted; `strict=True` turns the first
-one into an error.
+links are followed (a folder reached twice through links is listed once).
+Files that cannot be used (empty, not an image, truncated, corrupt, broken
+links) are skipped and counted; `strict=True` turns the first one into an
+error.
 
-Validation is done once per folder and process: a cheap header / trailer
+Validation is done once per folder and process: a cheap size and header
 check of every file, then, unless the folder is large, a full parallel decode
 of every file with `tf.data` (about 10 s for the 50,000 CIFAR-10 JPEGs on two
 cores), so that training never meets an undecodable file.
@@ -32,12 +33,12 @@ import tensorflow as tf
 
 LOGGER = logging.getLogger("simclr_tf")
 
-# Above this many bytes of image files, files are only checked by their header
-# and trailer (a full decode would take too long), and the input pipeline
-# drops the rare file that still fails to decode.
+# Above this many bytes of image files, files are only checked by their size
+# and header (a full decode would take too long), and the input pipeline drops
+# the rare file that still fails to decode.
 FULL_CHECK_MAX_BYTES = 1 << 30
 # How many skipped files the log names.
-NUM_REPORTED = 5
+NUM_REPORTED = 10
 LAYOUT = ("ROOT/<split>/<class>/<image> (labeled) or ROOT/<split>/<image> "
           "(unlabeled)")
 
@@ -138,33 +139,46 @@ def _check_bmp(head: bytes, size: int) -> Optional[str]:
 
 
 def check_file(path: str) -> Optional[str]:
-  """Cheap check of one file by its size, header and trailer.
+  """Cheap check of one file by its size and header.
 
   Args:
     path: file path.
   Returns:
-    None if the file looks like a complete JPEG, PNG, BMP or GIF image, else
-    a short reason ('empty file', 'not an image', 'truncated', ...).
+    None if the file starts like a JPEG, PNG, BMP or GIF image, else a short
+    reason ('empty file', 'not a JPEG, PNG, BMP or GIF image', ...).
   """
+  if os.path.islink(path) and not os.path.exists(path):
+    return f"broken symbolic link to {os.readlink(path)}"
   try:
     size = os.path.getsize(path)
     if size == 0:
       return "empty file"
     with open(path, "rb") as f:
       head = f.read(1100)
-      f.seek(max(0, size - 64))
-      tail = f.read(64)
   except OSError as e:
     return f"cannot be read ({e.strerror})"
-  if head.startswith(b"\xff\xd8\xff"):
-    return None if b"\xff\xd9" in tail else "truncated JPEG"
-  if head.startswith(b"\x89PNG\r\n\x1a\n"):
-    return None if b"IEND" in tail else "truncated PNG"
-  if head.startswith((b"GIF87a", b"GIF89a")):
+  if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a",
+                      b"GIF89a")):
     return None
   if head.startswith(b"BM"):
     return _check_bmp(head, size)
   return "not a JPEG, PNG, BMP or GIF image"
+
+
+def _decode_failure_reason(path: str) -> str:
+  """Why a file with a valid header failed to decode: truncated or corrupt."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+      f.seek(max(0, os.path.getsize(path) - 64))
+      tail = f.read(64)
+  except OSError as e:
+    return f"cannot be read ({e.strerror})"
+  if head.startswith(b"\xff\xd8") and b"\xff\xd9" not in tail:
+    return "cannot be decoded (truncated JPEG)"
+  if head.startswith(b"\x89PNG") and b"IEND" not in tail:
+    return "cannot be decoded (truncated PNG)"
+  return "cannot be decoded (corrupt image)"
 
 
 def _decodable(paths: list) -> list:
@@ -198,13 +212,22 @@ def _visible(names) -> list:
 
 
 def _files_under(directory: str) -> list:
-  """Sorted non-hidden files under a folder, recursively, following links."""
-  found = []
+  """Sorted non-hidden files under a folder, recursively, following links.
+
+  Broken links are listed (check_file reports them); a folder reached again
+  through a link (a loop, or two links to it) is not entered twice.
+  """
+  found, seen = [], set()
   for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:
+      dirnames[:] = []
+      continue
+    seen.add(real)
     dirnames[:] = _visible(dirnames)
     for name in _visible(filenames):
       path = os.path.join(dirpath, name)
-      if os.path.isfile(path):
+      if os.path.isfile(path) or os.path.islink(path):
         found.append(path)
   return sorted(found)
 
@@ -231,7 +254,8 @@ def _scan(directory: str, signature: tuple) -> FolderListing:
   if class_dirs:
     for name in entries:
       path = os.path.join(directory, name)
-      if name not in class_dirs and os.path.isfile(path):
+      if name not in class_dirs and (os.path.isfile(path) or
+                                     os.path.islink(path)):
         skipped.append(path)
         reasons.append("not inside a class folder")
     for name in class_dirs:
@@ -255,7 +279,7 @@ def _scan(directory: str, signature: tuple) -> FolderListing:
     for (path, _), ok in zip(good, decodable):
       if not ok:
         skipped.append(path)
-        reasons.append("cannot be decoded (corrupt image)")
+        reasons.append(_decode_failure_reason(path))
     good = [c for c, ok in zip(good, decodable) if ok]
     num_bytes = sum(os.path.getsize(p) for p, _ in good)
 
@@ -271,11 +295,13 @@ def _scan(directory: str, signature: tuple) -> FolderListing:
     class_names = ()
     labels = (-1,) * len(good)
   if skipped:
+    more = len(skipped) - NUM_REPORTED
     LOGGER.warning(
-        "Skipped %d unusable file(s) in %s; the first: %s", len(skipped),
+        "Skipped %d unusable file(s) in %s: %s%s", len(skipped),
         directory, "; ".join(f"{p} ({r})" for p, r in
                              zip(skipped[:NUM_REPORTED],
-                                 reasons[:NUM_REPORTED])))
+                                 reasons[:NUM_REPORTED])),
+        f"; and {more} more" if more > 0 else "")
   return FolderListing(
       directory=directory, paths=tuple(p for p, _ in good), labels=labels,
       class_names=class_names, skipped=tuple(skipped),

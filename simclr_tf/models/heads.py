@@ -14,6 +14,8 @@ from typing import Any, Optional
 import keras
 from keras import ops
 
+from simclr_tf.models.batch_norm import BatchNormalization
+
 PROJ_HEAD_MODES = ("nonlinear", "linear", "none")
 # Dense kernels of the projection head start at N(0, 0.01^2), as officially.
 PROJ_KERNEL_STDDEV = 0.01
@@ -62,7 +64,7 @@ class ProjectionLayer(keras.layers.Layer):
         kernel_initializer=keras.initializers.RandomNormal(
             stddev=PROJ_KERNEL_STDDEV),
         name="dense", dtype=self.dtype_policy)
-    self.bn = keras.layers.BatchNormalization(
+    self.bn = BatchNormalization(
         momentum=self.batch_norm_decay, epsilon=self.batch_norm_epsilon,
         center=self.center, synchronized=self.global_bn, name="bn",
         dtype=self.dtype_policy)

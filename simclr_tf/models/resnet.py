@@ -7,8 +7,8 @@ onto these layers one to one:
 * ResNet v1.5: the stride of a bottleneck sits on its 3x3 convolution
   (He et al. 2016, arXiv 1512.03385, with the torch "v1.5" change).
 * Convolutions with stride > 1 pad explicitly ((k - 1) // 2 before, the rest
-  after) and then run VALID, so the result does not depend on the input size
-  being even; stride-1 convolutions use SAME.
+  after) and then run VALID; TF's SAME would pad depending on the input size
+  (only after, on even sizes). Stride-1 convolutions use SAME.
 * The first block of every block group has a projection shortcut (also the
   first block of a basic-block group, where 64 -> 64 channels would not need
   one; the official code does the same).
@@ -29,6 +29,8 @@ from typing import Any
 
 import keras
 from keras import ops
+
+from simclr_tf.models.batch_norm import BatchNormalization
 
 # Blocks per group (He et al. 2016, Table 1; 200 from He et al. 2016b).
 BLOCK_TYPES = {
@@ -73,13 +75,13 @@ def _conv(filters: int, kernel_size: int, strides: int, name: str,
 
 
 def _batch_norm(name: str, decay: float, epsilon: float, synchronized: bool,
-                dtype: Any, zero_init: bool = False,
-                center: bool = True) -> keras.layers.BatchNormalization:
-  return keras.layers.BatchNormalization(
+                dtype: Any,
+                zero_init: bool = False) -> BatchNormalization:
+  # Keras' layer with a fused kernel for single-replica statistics.
+  return BatchNormalization(
       axis=-1,
       momentum=decay,
       epsilon=epsilon,
-      center=center,
       gamma_initializer="zeros" if zero_init else "ones",
       synchronized=synchronized,
       name=name,
@@ -87,7 +89,7 @@ def _batch_norm(name: str, decay: float, epsilon: float, synchronized: bool,
 
 
 def _fixed_pad(x, kernel_size: int):
-  """Pads H and W so a VALID strided conv is independent of the input size."""
+  """Pads H and W by (k - 1) // 2 before and the rest after, for any size."""
   total = kernel_size - 1
   before = total // 2
   after = total - before

@@ -1,0 +1,118 @@
+"""Batch normalization that runs TensorFlow's fused kernel where it can.
+
+Keras 3's `BatchNormalization` on the TensorFlow backend is unfused: it
+upcasts bfloat16 inputs to float32, computes the moments with separate
+reductions (with `synchronized=True`, through E[x^2] - E[x]^2, a tensor of
+ones and three all-reduces, even with a single replica), then normalises
+with element-wise ops and casts back. On a CPU these passes over the
+activations cost about as much as the convolutions of a CIFAR ResNet.
+
+`BatchNormalization` below is the Keras layer (same constructor, variables,
+variable paths, config and checkpoints) whose `call` uses one
+`FusedBatchNormV3` op (oneDNN on x86, with a bfloat16 kernel; cuDNN on GPUs)
+whenever the result is the same as Keras':
+
+* the statistics are local: `synchronized=False`, or a single replica in
+  sync (outside any strategy, `OneDeviceStrategy`, a one-device
+  `MirroredStrategy`);
+* NHWC or [batch, features] inputs normalised over the last axis, in
+  float32 or bfloat16, without a mask or batch renormalization.
+
+Otherwise (cross-replica "global" batch norm over several replicas, masks,
+renorm, other axes or dtypes) it runs the Keras code unchanged. In training
+mode the moving statistics are updated exactly as Keras does (with the
+biased batch variance; the fused kernel returns the unbiased one, which is
+converted back).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+_FUSED_DTYPES = (tf.float32, tf.bfloat16)
+
+
+def _num_replicas_in_sync() -> int:
+  """Replicas that a synchronized batch norm would all-reduce over."""
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None:   # cross-replica context: Keras computes local moments
+    return 1
+  return ctx.num_replicas_in_sync
+
+
+@keras.saving.register_keras_serializable(package="simclr_tf")
+class BatchNormalization(keras.layers.BatchNormalization):
+  """`keras.layers.BatchNormalization` with a fused single-replica path.
+
+  Takes the arguments of the Keras layer. The class attribute `fused`
+  (default True) switches the fused path off for every instance traced
+  afterwards, for comparisons and benchmarks.
+  """
+
+  fused = True
+
+  def _can_fuse(self, inputs, mask) -> bool:
+    if not self.fused or keras.backend.backend() != "tensorflow":
+      return False
+    if mask is not None or self.renorm:
+      return False
+    ndim = len(inputs.shape)
+    if ndim not in (2, 4) or self.axis not in (-1, ndim - 1):
+      return False
+    if inputs.dtype not in _FUSED_DTYPES or inputs.shape[-1] is None:
+      return False
+    return not self.synchronized or _num_replicas_in_sync() == 1
+
+  def call(self, inputs, training=None, mask=None):
+    inputs = tf.convert_to_tensor(inputs)
+    if not self._can_fuse(inputs, mask):
+      return super().call(inputs, training=training, mask=mask)
+    channels = int(inputs.shape[-1])
+    x = inputs
+    if len(inputs.shape) == 2:   # [B, C] -> [B, 1, 1, C]
+      x = tf.reshape(x, [-1, 1, 1, channels])
+    scale = (tf.cast(self.gamma, tf.float32) if self.scale
+             else tf.ones([channels], tf.float32))
+    offset = (tf.cast(self.beta, tf.float32) if self.center
+              else tf.zeros([channels], tf.float32))
+    if training and self.trainable:
+      y, mean, variance = self._fused_train(x, scale, offset)
+      momentum = tf.cast(self.momentum, tf.float32)
+      self.moving_mean.assign(
+          tf.cast(self.moving_mean, tf.float32) * momentum +
+          mean * (1.0 - momentum))
+      self.moving_variance.assign(
+          tf.cast(self.moving_variance, tf.float32) * momentum +
+          variance * (1.0 - momentum))
+    else:
+      y = tf.raw_ops.FusedBatchNormV3(
+          x=x, scale=scale, offset=offset,
+          mean=tf.cast(self.moving_mean, tf.float32),
+          variance=tf.cast(self.moving_variance, tf.float32),
+          epsilon=self.epsilon, data_format="NHWC", is_training=False)[0]
+    if len(inputs.shape) == 2:
+      y = tf.reshape(y, tf.shape(inputs))
+    return tf.cast(y, self.compute_dtype)
+
+  def _fused_train(self, x, scale, offset):
+    """Normalises `x` with its batch statistics.
+
+    Args:
+      x: [N, H, W, C] float32 or bfloat16.
+      scale: [C] float32 gamma (ones without scale).
+      offset: [C] float32 beta (zeros without center).
+    Returns:
+      (normalised x in x's dtype, [C] float32 batch mean, [C] float32 biased
+      batch variance), the mean and variance Keras' moments give.
+    """
+    empty = tf.zeros([0], tf.float32)
+    y, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=scale, offset=offset, mean=empty, variance=empty,
+        epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC",
+        is_training=True)
+    # The kernel's variance has Bessel's correction n / (n - 1); Keras
+    # (and the normalisation itself) uses the biased one.
+    count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+    variance = unbiased * ((count - 1.0) / tf.maximum(count, 1.0))
+    return y, tf.stop_gradient(mean), tf.stop_gradient(variance)

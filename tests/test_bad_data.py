@@ -1,0 +1,192 @@
+"""A messy image folder: every kind of bad file, skipped and reported exactly.
+
+One folder holds usable images of every awkward kind (1, 2, 4 channels,
+16-bit, 1x1, 4000x3000, a link to an image), unusable files of every kind
+(corrupt, truncated, empty, not an image, a broken link, a file outside the
+class folders), an empty class folder, hidden files and folders and a link
+loop. Hidden entries are not data: they are ignored, not reported.
+"""
+
+import io
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import run_cli
+from simclr_tf.data import datasets
+from simclr_tf.data import folder
+
+RNG = np.random.RandomState(0)
+RUN_FLAGS = ("--mode=train", "--train_mode=pretrain", "--dataset=image_folder",
+             "--resnet_depth=18", "--image_size=32", "--train_batch_size=8",
+             "--proj_out_dim=32", "--log_images=false",
+             "--cache_dataset=false", "--train_steps=2", "--seed=1")
+
+
+def _encoded(array, fmt, mode=None) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(array, mode).save(buffer, format=fmt)
+  return buffer.getvalue()
+
+
+def _rgb(h=40, w=48):
+  return RNG.randint(0, 256, [h, w, 3]).astype(np.uint8)
+
+
+def _write(path, data: bytes) -> str:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(data)
+  return str(path)
+
+
+def _good_files(train) -> list:
+  cat, dog = train / "cat", train / "dog"
+  gray = _rgb()[..., 0]
+  files = [_write(cat / f"photo_{i}.jpg", _encoded(_rgb(), "JPEG"))
+           for i in range(3)]
+  files += [
+      _write(cat / "gray.png", _encoded(gray, "PNG")),
+      _write(cat / "gray_alpha.png",
+             _encoded(np.dstack([gray, gray]), "PNG", "LA")),
+      _write(cat / "rgba.png", _encoded(
+          np.dstack([_rgb(), _rgb()[..., :1]]), "PNG", "RGBA")),
+      _write(cat / "deep16.png", tf.io.encode_png(tf.constant(
+          RNG.randint(0, 65536, [20, 30, 3]).astype(np.uint16))).numpy()),
+      _write(cat / "tiny.png", _encoded(_rgb(1, 1), "PNG")),
+      _write(cat / "huge.png", _encoded(
+          np.full([3000, 4000, 3], (90, 120, 200), np.uint8), "PNG")),
+  ]
+  os.symlink("photo_0.jpg", cat / "link_to_photo.jpg")
+  files.append(str(cat / "link_to_photo.jpg"))
+  files += [_write(dog / f"photo_{i}.jpg", _encoded(_rgb(), "JPEG"))
+            for i in range(3)]
+  return files
+
+
+def _bad_files(train) -> dict:
+  """{path: what its skip reason must say}."""
+  cat, dog = train / "cat", train / "dog"
+  jpeg = _encoded(_rgb(64, 64), "JPEG")
+  png = _encoded(_rgb(64, 64), "PNG")
+  bad = {
+      _write(cat / "corrupt.jpg", jpeg[:4] + RNG.bytes(3000)): "corrupt",
+      _write(cat / "truncated.jpg", jpeg[:len(jpeg) // 2]): "truncated",
+      _write(cat / "empty.jpg", b""): "empty file",
+      _write(cat / "notes.txt", b"a note, not an image\n"): "not a JPEG",
+      _write(cat / "text_named.jpg", b"<html>404</html>"): "not a JPEG",
+      _write(dog / "corrupt.png", png[:8] + RNG.bytes(3000)): "corrupt",
+      _write(dog / "truncated.png", png[:len(png) // 2]): "truncated",
+      _write(train / "README.txt", b"stray file"): "not inside a class",
+  }
+  os.symlink("no_such_file.jpg", cat / "dangling.jpg")
+  bad[str(cat / "dangling.jpg")] = "broken symbolic link"
+  return bad
+
+
+def _ignored_files(train) -> None:
+  """Hidden entries, an empty class and a link loop: no report, no data."""
+  _write(train / "cat" / ".DS_Store", RNG.bytes(100))
+  _write(train / "dog" / ".thumbnails" / "photo_0.jpg", RNG.bytes(100))
+  _write(train / ".cache" / "x.jpg", b"")
+  os.makedirs(train / "empty_class")
+  os.symlink(".", train / "dog" / "loop")
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+  root = tmp_path_factory.mktemp("messy")
+  train = root / "train"
+  good = _good_files(train)
+  bad = _bad_files(train)
+  _ignored_files(train)
+  return root, good, bad
+
+
+def _reported(stderr: str, directory: str) -> dict:
+  """{path: reason} from the one 'Skipped N unusable file(s)' log line."""
+  lines = [l for l in stderr.splitlines() if "unusable file(s) in" in l]
+  assert len(lines) == 1, lines
+  head, listed = lines[0].split(f"unusable file(s) in {directory}: ", 1)
+  count = int(re.search(r"Skipped (\d+)", head).group(1))
+  found = dict(re.findall(r"(/[^;]*?) \(([^;]*)\)(?:; |$)", listed))
+  assert len(found) == count, lines[0]
+  return found
+
+
+def test_listing_skips_exactly_the_bad_files(messy, caplog):
+  root, good, bad = messy
+  listing = folder.list_image_folder(str(root), "train")
+  assert sorted(listing.paths) == sorted(good)
+  assert listing.class_names == ("cat", "dog")
+  reasons = dict(zip(listing.skipped, listing.skip_reasons))
+  assert sorted(reasons) == sorted(bad)
+  for path, expected in bad.items():
+    assert expected in reasons[path], (path, reasons[path])
+
+
+def test_every_usable_kind_goes_through_the_pipeline(messy):
+  root, good, _ = messy
+  ds = datasets.build_dataset(
+      dataset="image_folder", data_dir=str(root), split="train",
+      stage="pretrain", image_size=32, batch_size=len(good), cache=False)
+  batch = next(iter(ds))   # one epoch: every usable image once
+  for view in ("view1", "view2"):
+    images = batch[view].numpy()
+    assert images.shape == (len(good), 32, 32, 3)
+    assert np.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1
+  assert sorted(batch["label"].numpy().tolist()) == [0] * 10 + [1] * 3
+  ev = datasets.build_dataset(
+      dataset="image_folder", data_dir=str(root), split="train",
+      stage="eval", image_size=32, batch_size=len(good), cache=False)
+  assert next(iter(ev))["image"].shape == (len(good), 32, 32, 3)
+
+
+def test_strict_data_is_a_one_line_error_naming_a_bad_file(messy, tmp_path):
+  root, _, bad = messy
+  start = time.time()
+  proc = run_cli(*RUN_FLAGS, f"--data_dir={root}", "--strict_data",
+                 f"--model_dir={tmp_path / 'run'}", timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("run.py: ")]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr
+  named = errors[0].split("run.py: error: ", 1)[1].split(" cannot be used")[0]
+  assert named in bad and "--strict_data" in errors[0]
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+  assert time.time() - start < 120
+
+
+def test_folder_without_usable_image_is_a_one_line_error(tmp_path):
+  root = tmp_path / "data"
+  _write(root / "train" / "cls" / "empty.jpg", b"")
+  _write(root / "train" / "cls" / "notes.txt", b"text")
+  os.makedirs(root / "train" / "other_cls")
+  proc = run_cli(*RUN_FLAGS, f"--data_dir={root}",
+                 f"--model_dir={tmp_path / 'run'}", timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("run.py: ")]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr
+  assert "has no usable image" in errors[0]
+  assert str(root / "train") in errors[0]
+
+
+@pytest.mark.slow
+def test_run_on_the_messy_folder_completes_and_reports_exactly_the_bad_files(
+    messy, tmp_path):
+  root, _, bad = messy
+  proc = run_cli(*RUN_FLAGS, f"--data_dir={root}",
+                 f"--model_dir={tmp_path / 'run'}", timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "global_step: 2" in proc.stdout
+  reported = _reported(proc.stderr, str(root / "train"))
+  assert sorted(reported) == sorted(bad)
+  for path, expected in bad.items():
+    assert expected in reported[path], (path, reported[path])
+  assert proc.stderr.count("empty_class has no usable image") == 1
+  assert ".DS_Store" not in proc.stderr and ".thumbnails" not in proc.stderr
+  assert os.path.exists(tmp_path / "run" / "saved_model" / "saved_model.pb")

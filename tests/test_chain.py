@@ -1,0 +1,108 @@
+"""pretrain -> finetune -> distill -> eval through exports, a few steps each."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import TINY_FLAGS
+from simclr_tf import runner
+from simclr_tf.config import Config, ConfigError
+
+TINY = Config(resnet_depth=18, image_size=32, train_batch_size=8,
+              eval_batch_size=100, train_steps=2, log_images=False,
+              proj_out_dim=32, cache_dataset=False, mode="train_then_eval",
+              checkpoint_steps=2)
+
+
+def _run(tmp, name, **changes):
+  cfg = TINY.replace(model_dir=str(tmp / name), **changes)
+  return runner.run(cfg), cfg.model_dir
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("chain")
+  pre, pre_dir = _run(tmp, "pretrain", train_mode="pretrain")
+  ft, ft_dir = _run(tmp, "finetune", train_mode="finetune", label_fraction=0.1,
+                    init_from=os.path.join(pre_dir, "saved_model"),
+                    optimizer="momentum", learning_rate=0.1)
+  dist, dist_dir = _run(tmp, "distill", train_mode="distill",
+                        teacher=os.path.join(ft_dir, "saved_model"),
+                        init_from=os.path.join(pre_dir, "saved_model"))
+  ev, ev_dir = _run(tmp, "eval", train_mode="distill", mode="eval",
+                    init_from=os.path.join(dist_dir, "saved_model"))
+  return dict(tmp=tmp, pre=(pre, pre_dir), ft=(ft, ft_dir),
+              dist=(dist, dist_dir), ev=(ev, ev_dir))
+
+
+def test_every_stage_writes_result_checkpoint_logs_and_export(chain):
+  for stage in ("pre", "ft", "dist"):
+    result, model_dir = chain[stage]
+    assert result["global_step"] == 2
+    for key in ("top1", "top5", "loss"):
+      assert 0.0 <= result[key] < 100.0, (stage, key, result)
+    saved = json.load(open(os.path.join(model_dir, "result.json")))
+    assert saved["global_step"] == 2
+    assert os.path.exists(os.path.join(model_dir, "flags.json"))
+    assert os.listdir(os.path.join(model_dir, "checkpoints"))
+    assert os.listdir(os.path.join(model_dir, "train"))
+    loaded = tf.saved_model.load(os.path.join(model_dir, "saved_model"))
+    out = loaded(tf.zeros([2, 32, 32, 3]), training=False)
+    assert out["logits_sup"].shape == (2, 10)
+
+
+def test_finetune_used_the_label_subset(chain):
+  _, model_dir = chain["ft"]
+  lines = open(os.path.join(model_dir, "label_subset.txt")).read().split()
+  assert len(lines) == 50          # 10% of the 500 bundled images
+  classes = {os.path.basename(os.path.dirname(p)) for p in lines}
+  assert len(classes) == 10
+
+
+def test_finetune_head_sits_on_the_first_projection_layer(chain):
+  _, model_dir = chain["ft"]
+  loaded = tf.saved_model.load(os.path.join(model_dir, "saved_model"))
+  out = loaded(tf.zeros([1, 32, 32, 3]), training=False)
+  assert "proj_head_layer_1" in out and "proj_head_layer_2" not in out
+
+
+def test_eval_of_an_export_reexports_exactly(chain):
+  ev, ev_dir = chain["ev"]
+  _, dist_dir = chain["dist"]
+  assert ev["global_step"] == 0 and "top1" in ev
+  x = tf.constant(np.random.default_rng(0).uniform(size=(4, 32, 32, 3)),
+                  tf.float32)
+  first = tf.saved_model.load(os.path.join(dist_dir, "saved_model"))(
+      x, training=False)
+  second = tf.saved_model.load(os.path.join(ev_dir, "saved_model"))(
+      x, training=False)
+  for key in first:
+    np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
+def test_teacher_without_logits_sup_is_rejected(chain, tmp_path):
+  _, pre_dir = chain["pre"]
+  no_head, _ = _run(tmp_path, "nohead", train_mode="pretrain",
+                    lineareval_while_pretraining=False, train_steps=1,
+                    mode="train")
+  with pytest.raises(ConfigError, match="no 'logits_sup'"):
+    _run(tmp_path, "bad_teacher", train_mode="distill",
+         teacher=no_head["export"])
+
+
+def test_init_from_with_other_architecture_is_rejected(chain, tmp_path):
+  _, pre_dir = chain["pre"]
+  with pytest.raises(ConfigError, match="--resnet_depth=34 does not match"):
+    _run(tmp_path, "bad_arch", train_mode="finetune", resnet_depth=34,
+         init_from=os.path.join(pre_dir, "saved_model"))
+
+
+def test_rerun_resumes_and_does_not_retrain(chain):
+  _, pre_dir = chain["pre"]
+  cfg = Config(**json.load(open(os.path.join(pre_dir, "flags.json"))))
+  result = runner.run(cfg)
+  assert result["global_step"] == 2
+  assert result["train_seconds"] < 5
