@@ -90,6 +90,12 @@ def run_stage(name: str, args: list[str]) -> dict:
   return result
 
 
+def _shown(path: str) -> str:
+  """`path` relative to the project when it is inside it."""
+  rel = os.path.relpath(path, ROOT)
+  return path if rel.startswith("..") else rel
+
+
 def table(rows: list[tuple[str, dict]]) -> str:
   lines = [f"{'stage':<12}{'top-1':>8}{'top-5':>8}{'time':>9}  export",
            "-" * 78]
@@ -97,7 +103,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
     top1 = f"{100 * r['top1']:.1f}" if "top1" in r else "-"
     top5 = f"{100 * r['top5']:.1f}" if "top5" in r else "-"
     lines.append(f"{name:<12}{top1:>8}{top5:>8}{r['seconds']:>8.0f}s  "
-                 f"{os.path.relpath(r.get('export', '-'), ROOT)}")
+                 f"{_shown(r.get('export', '-'))}")
   return "\n".join(lines)
 
 
@@ -111,7 +117,7 @@ def main(argv=None):
         "labels.)")
   print(table(rows))
   print(f"\nTensorBoard:  {sys.executable} -m tensorboard.main "
-        f"--logdir {os.path.relpath(a.out, ROOT)}")
+        f"--logdir {_shown(a.out)}")
 
 
 if __name__ == "__main__":

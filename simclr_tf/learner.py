@@ -11,6 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from simclr_tf import distribute
 from simclr_tf import tasks as tasks_lib
 
 EVAL_METRICS = ("loss", "top1", "top5")
@@ -20,11 +21,10 @@ class Learner(keras.Model):
   """Wraps `net` (a SimCLR model) and a task; owns the metric trackers."""
 
   def __init__(self, net, task, l2_variables=(), weight_decay=0.0,
-               memory=None, name="learner", **kwargs):
+               name="learner", **kwargs):
     super().__init__(name=name, **kwargs)
     self.net = net
     self.task = task
-    self.memory = memory
     self._l2_variables = list(l2_variables)
     self._weight_decay = float(weight_decay)
     self.train_trackers = [keras.metrics.Mean(name=n)
@@ -58,8 +58,6 @@ class Learner(keras.Model):
       scaled = self.optimizer.scale_loss(total)
     grads = tape.gradient(scaled, variables)
     self.optimizer.apply_gradients(zip(grads, variables))
-    if self.memory is not None:
-      self.memory.update(self.net)
     values = dict(values, loss=total * tasks_lib.num_replicas(),
                   weight_decay=l2)
     return self._update(self.train_trackers, values)
@@ -77,6 +75,23 @@ class Learner(keras.Model):
     }
     return self._update(self.eval_trackers, values)
 
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    """Keras' symbolic build, fed one replica's batch.
+
+    Keras pulls a batch of a distributed dataset and all-reduces it to get
+    a plain one, which fails for dict batches under
+    `MultiWorkerMirroredStrategy` (its reduce takes one tensor, not a
+    structure). The build only needs shapes and dtypes, which every
+    replica's batch has.
+    """
+    if iterator is not None and data_batch is None:
+      for _, _, batches in iterator:
+        local = self.distribute_strategy.experimental_local_results
+        data_batch = tf.nest.map_structure(
+            lambda v: local(v)[0], next(batches))
+        break
+    super()._maybe_symbolic_build(data_batch=data_batch)
+
   @staticmethod
   def _update(trackers, values):
     """Updates the trackers the task produced values for (a pretraining run
@@ -91,7 +106,18 @@ class Learner(keras.Model):
       else:
         tracker.update_state(value)
       logs[tracker.name] = tracker.result()
+    return _with_batch_axis(logs)
+
+
+def _with_batch_axis(logs):
+  """Shape [1] logs under a multi-worker strategy, scalars otherwise.
+
+  Keras reduces a multi-worker step's outputs with
+  `strategy.reduce('MEAN', value, axis=0)`, which needs an axis to reduce.
+  """
+  if distribute.num_workers(tf.distribute.get_strategy()) <= 1:
     return logs
+  return {name: tf.reshape(value, [1]) for name, value in logs.items()}
 
 
 def _unpack(data):

@@ -109,7 +109,9 @@ class Memory(keras.layers.Layer):
   variables have `aggregation=ONLY_FIRST_REPLICA`: every replica writes
   the all-gathered global batch of keys, and the first replica's write is
   mirrored to all, so the queue is identical on every replica by
-  construction.
+  construction. (With `global_bn=False` the memory network's BN moving
+  statistics differ across replicas, as the online network's do; they do
+  not enter the keys.)
 
   Args:
     model_config: the online network's `ModelConfig`; the memory network

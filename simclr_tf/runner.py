@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from typing import Optional
@@ -71,7 +72,8 @@ def write_atomic(path: str, text: str) -> None:
 
 def prepare_model_dir(cfg: Config) -> None:
   """Creates model_dir, proves it is writable, records the flags."""
-  probe = os.path.join(cfg.model_dir, ".write_probe")
+  probe = os.path.join(cfg.model_dir,
+                       f".write_probe.{socket.gethostname()}.{os.getpid()}")
   try:
     os.makedirs(cfg.model_dir, exist_ok=True)
     try:
@@ -249,7 +251,9 @@ def train_dataset(cfg: Config, plan: Plan, strategy, start_step: int):
         label_fraction=cfg.label_fraction if stage == "finetune" else 1.0,
         subset_file=os.path.join(cfg.model_dir, "label_subset.txt")
         if stage == "finetune" and cfg.label_fraction < 1.0 else None,
-        input_context=ctx, strict=cfg.strict_data, start_step=start_step)
+        input_context=ctx, strict=cfg.strict_data,
+        # Each step takes one batch per local replica from this pipeline.
+        start_step=start_step * distribute.replicas_per_pipeline(ctx))
 
   return strategy.distribute_datasets_from_function(fn)
 
@@ -292,34 +296,61 @@ class _WeightsByPath(tf.Module):
     self.by_path = dict(simclr_lib.variables_by_path(model))
 
 
-def checkpoint_manager(cfg: Config, learner: Learner, chief: bool):
+def checkpoint_manager(cfg: Config, learner: Learner, chief: bool,
+                       strategy=None):
   extra = {}
   if getattr(learner.task, "memory", None) is not None:
     extra["memory"] = learner.task.memory    # queue, pointer, memory net
   ckpt = tf.train.Checkpoint(model=learner.net, optimizer=learner.optimizer,
                              net_weights=_WeightsByPath(learner.net), **extra)
-  directory = os.path.join(cfg.model_dir, "checkpoints")
+  directory = distribute.checkpoint_dir(cfg.model_dir)
   if not chief:   # other workers write to a scratch folder, then discard it
-    directory = os.path.join(cfg.model_dir, ".worker_scratch",
-                             str(os.getpid()))
+    directory = distribute.scratch_dir(cfg.model_dir, strategy)
   return tf.train.CheckpointManager(ckpt, directory,
                                     max_to_keep=cfg.keep_checkpoint_max)
 
 
-def restore_latest(manager: tf.train.CheckpointManager) -> Optional[str]:
+def resume_manager(cfg: Config, manager, chief: bool):
+  """The checkpoints to resume from: the chief's, on every worker.
+
+  A non-chief worker saves to its scratch folder, so it reads the chief's
+  model_dir/checkpoints instead (a multi-worker model_dir must be shared).
+  """
+  if chief:
+    return manager
+  return tf.train.CheckpointManager(
+      manager.checkpoint, distribute.checkpoint_dir(cfg.model_dir),
+      max_to_keep=cfg.keep_checkpoint_max)
+
+
+def _remove_killed_saves(directory: str) -> None:
+  """Deletes the temporary files of saves killed before they completed."""
+  for leftover in tf.io.gfile.glob(os.path.join(directory, "*_temp*")):
+    if tf.io.gfile.isdir(leftover):
+      tf.io.gfile.rmtree(leftover)
+    else:
+      tf.io.gfile.remove(leftover)
+
+
+def restore_latest(manager: tf.train.CheckpointManager,
+                   clean: bool = True) -> Optional[str]:
   """Restores the newest checkpoint that reads back; None if there is none.
 
   A kill during a save cannot damage the checkpoints listed in the index
   (TensorFlow writes the files first, then replaces the index), but a disk
   error can; then the previous checkpoint is used, with a warning.
+
+  Args:
+    manager: the manager of the checkpoints to resume from.
+    clean: delete the files of saves that were killed before completing
+      (only the process that writes the checkpoints should).
+  Returns:
+    The restored checkpoint's path, or None.
+  Raises:
+    ConfigError: there are checkpoints but none can be restored.
   """
-  for leftover in tf.io.gfile.glob(os.path.join(manager.directory,
-                                                "*_temp*")):
-    # Files of a save that was killed before it completed.
-    if tf.io.gfile.isdir(leftover):
-      tf.io.gfile.rmtree(leftover)
-    else:
-      tf.io.gfile.remove(leftover)
+  if clean:
+    _remove_killed_saves(manager.directory)
   candidates = list(reversed(manager.checkpoints)) or (
       [manager.latest_checkpoint] if manager.latest_checkpoint else [])
   errors = []
@@ -400,6 +431,8 @@ def train(cfg: Config, plan: Plan, strategy, learner, schedule, manager,
                 shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
   finally:
     checkpointer.close()
+    if not chief:
+      distribute.remove_scratch(manager.directory)
   return int(learner.optimizer.iterations.numpy())
 
 
@@ -443,9 +476,11 @@ def run(cfg: Config) -> dict:
   """Runs `cfg.mode` for `cfg.train_mode`; returns the evaluation result."""
   config_lib.validate(cfg)
   prepare_model_dir(cfg)
+  # Before any TensorFlow op: a multi-worker strategy configures the
+  # collective ops of the runtime, which must not be initialised yet.
+  strategy = distribute.make_strategy(cfg.strategy, cfg.tpu, cfg.cpu_replicas)
   keras.utils.set_random_seed(cfg.seed)
   plan = eval_plan(cfg, make_plan(cfg))
-  strategy = distribute.make_strategy(cfg.strategy, cfg.tpu, cfg.cpu_replicas)
   chief = distribute.is_chief(strategy)
   keras.config.set_dtype_policy(cfg.precision)
   log.info("Strategy %s with %d replica(s); %d steps of %s.",
@@ -455,8 +490,8 @@ def run(cfg: Config) -> dict:
     learner, schedule = build_learner(cfg, plan)
   if cfg.mode != "eval" and chief:
     check_free_space(cfg, learner)
-  manager = checkpoint_manager(cfg, learner, chief)
-  restored = restore_latest(manager)
+  manager = checkpoint_manager(cfg, learner, chief, strategy)
+  restored = restore_latest(resume_manager(cfg, manager, chief), clean=chief)
   if restored:
     log.info("Resumed from %s", restored)
   elif cfg.mode == "eval" and plan.init_meta is None:
@@ -464,9 +499,14 @@ def run(cfg: Config) -> dict:
         f"--mode=eval found no checkpoint in --model_dir={cfg.model_dir!r}; "
         "train first or pass --init_from=EXPORT.")
   step = int(learner.optimizer.iterations.numpy())
+  distribute.check_same_step(strategy, step)
   start = time.time()
   if cfg.mode in ("train", "train_then_eval"):
     step = train(cfg, plan, strategy, learner, schedule, manager, chief)
+    if distribute.num_workers(strategy) > 1:   # all workers must agree
+      log.info("Weights digest of %s at step %d: %s",
+               distribute.task_name(strategy), step,
+               distribute.weights_digest(learner.net))
     if getattr(learner, "preempted", False):
       log.warning("Stopped by SIGTERM at step %d; rerun to continue.", step)
       return {"global_step": step, "preempted": True}
@@ -477,6 +517,7 @@ def run(cfg: Config) -> dict:
     result["export"] = export(cfg, plan, learner, step)
     write_atomic(os.path.join(cfg.model_dir, RESULT_FILE),
                  json.dumps(result, indent=2))
+  distribute.barrier(strategy)   # workers leave after the chief's export
   return result
 
 

@@ -75,12 +75,15 @@ def _bad_files(train) -> dict:
   jpeg = _encoded(_rgb(64, 64), "JPEG")
   png = _encoded(_rgb(64, 64), "PNG")
   bad = {
-      _write(cat / "corrupt.jpg", jpeg[:4] + RNG.bytes(3000)): "corrupt",
+      # Damaged in the middle: start and end markers intact.
+      _write(cat / "corrupt.jpg",
+             jpeg[:4] + RNG.bytes(3000) + jpeg[-2:]): "corrupt",
       _write(cat / "truncated.jpg", jpeg[:len(jpeg) // 2]): "truncated",
       _write(cat / "empty.jpg", b""): "empty file",
       _write(cat / "notes.txt", b"a note, not an image\n"): "not a JPEG",
       _write(cat / "text_named.jpg", b"<html>404</html>"): "not a JPEG",
-      _write(dog / "corrupt.png", png[:8] + RNG.bytes(3000)): "corrupt",
+      _write(dog / "corrupt.png",
+             png[:8] + RNG.bytes(3000) + png[-12:]): "corrupt",
       _write(dog / "truncated.png", png[:len(png) // 2]): "truncated",
       _write(train / "README.txt", b"stray file"): "not inside a class",
   }
