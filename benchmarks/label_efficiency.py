@@ -56,6 +56,9 @@ def parse_args(argv=None):
   p.add_argument("--holdout", type=float, default=0.1,
                  help="Fraction of each class held out from train as 'val'.")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--smoke_steps", type=int, default=0,
+                 help="Cap every stage at this many steps (a quick check of "
+                 "the script; the figures then mean nothing).")
   return p.parse_args(argv)
 
 
@@ -133,6 +136,9 @@ def plan(a, data_root: str) -> list[tuple[str, str, list[str]]]:
         "--train_batch_size=256", "--distill_temperature=0.1",
         "--learning_rate=0.1", "--weight_decay=0", "--warmup_epochs=0",
         f"--train_epochs={_epochs(a.distill_epochs, a.budget)}"]))
+  if a.smoke_steps:
+    stages = [(m, c, f + [f"--train_steps={a.smoke_steps}"])
+              for m, c, f in stages]
   return stages
 
 

@@ -30,7 +30,8 @@ Configurations (`--configs`, comma separated; `--list` shows the presets):
 
   Knobs: @bn=keras (Keras' unfused batch norm instead of ours),
   @intra=N / @inter=N (TensorFlow thread pools), @onednn=0 (oneDNN off),
-  @spe=N (steps_per_execution, step and full tiers).
+  @spe=N (steps_per_execution, step and full tiers),
+  @xla_flags=FLAGS (XLA_FLAGS, ';' between flags).
 
 The model is the CIFAR recipe of SimCLR: ResNet-18 with the CIFAR stem at
 32 px, a 3-layer projection head 512-512-128, NT-Xent at temperature 0.5,
@@ -84,7 +85,7 @@ TORCH_DEFAULT = "torch-eager-fp32-b256,torch-compile-bf16-b256"
 TASKS = ("pretrain", "finetune", "distill")
 TIERS = ("bare", "step", "full")
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
-KNOBS = ("bn", "intra", "inter", "onednn", "spe")
+KNOBS = ("bn", "intra", "inter", "onednn", "spe", "xla_flags")
 # Input pipelines: batches drained before each timed pass, and timed batches
 # per step of the other configurations.
 PIPELINE_DRAIN = 16
@@ -281,6 +282,8 @@ def _setup_tensorflow(knobs: dict):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if "onednn" in knobs:
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = knobs["onednn"]
+  if "xla_flags" in knobs:
+    os.environ["XLA_FLAGS"] = knobs["xla_flags"].replace(";", " ")
   sys.path.insert(0, REPO)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if "intra" in knobs:
@@ -300,6 +303,7 @@ def _versions() -> dict:
   return {"tensorflow": tf.__version__, "keras": keras.__version__,
           "numpy": np.__version__, "python": platform.python_version(),
           "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "intra_op_threads":
               tf.config.threading.get_intra_op_parallelism_threads(),
           "inter_op_threads":

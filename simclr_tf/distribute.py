@@ -17,7 +17,6 @@ checkpoints to a scratch folder (`scratch_dir`) that is deleted at the end.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from typing import Optional
 
@@ -25,8 +24,6 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_tf.config import ConfigError
-
-log = logging.getLogger("simclr_tf")
 
 # Folder of model_dir where non-chief workers write (and then delete) the
 # checkpoints that every worker must save in a multi-worker run.

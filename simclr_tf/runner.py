@@ -167,14 +167,39 @@ def _new_head(path: str) -> bool:
   return "head_supervised" in path.split("/")
 
 
-def build_net(cfg: Config, plan: Plan) -> simclr_lib.SimCLR:
-  """Builds the network, restored from --init_from when given (checked)."""
+def load_init(cfg: Config, plan: Plan):
+  """The --init_from export as a Keras model (checked), and its report."""
+  source, _, report = load_lib.load_model(
+      cfg.init_from, dataclasses.replace(plan.model_config, global_bn=False),
+      new_weights=_new_head if cfg.mode != "eval" else None)
+  return source, report
+
+
+def load_exports(cfg: Config, plan: Plan):
+  """(--init_from model and report or None, --teacher logits fn or None).
+
+  Call it outside `strategy.scope()`: a SavedModel loaded inside a
+  tf.distribute scope can only be called in a replica context, and the
+  loaders call it to check it.
+  """
+  init = load_init(cfg, plan) if plan.init_meta is not None else None
+  return init, make_teacher(cfg)
+
+
+def build_net(cfg: Config, plan: Plan, init=None) -> simclr_lib.SimCLR:
+  """Builds the network, restored from --init_from when given (checked).
+
+  Args:
+    cfg: the run's config.
+    plan: the run's plan.
+    init: `load_init`'s result, loaded outside the strategy scope (None:
+      loaded here).
+  Returns:
+    The network.
+  """
   net = simclr_lib.build_model(plan.model_config, cfg.image_size)
   if plan.init_meta is not None:
-    source, _, report = load_lib.load_model(
-        cfg.init_from, dataclasses.replace(plan.model_config,
-                                           global_bn=False),
-        new_weights=_new_head if cfg.mode != "eval" else None)
+    source, report = init or load_init(cfg, plan)
     simclr_lib.copy_weights(source, net)
     log.info("Restored %d weights from %s; new: %s", len(report.restored),
              cfg.init_from, list(report.missing) or "none")
@@ -210,10 +235,11 @@ def make_teacher(cfg: Config):
   return logits_fn
 
 
-def build_learner(cfg: Config, plan: Plan):
-  net = build_net(cfg, plan)
+def build_learner(cfg: Config, plan: Plan, exports=None):
+  """The learner and its schedule; `exports` from `load_exports` (or None)."""
+  init, teacher = exports if exports is not None else load_exports(cfg, plan)
+  net = build_net(cfg, plan, init)
   opt, schedule, groups = build_optimizer(cfg, plan, net)
-  teacher = make_teacher(cfg)
   memory = None
   if (cfg.memory_size > 0 and cfg.train_mode == "pretrain" and
       cfg.mode != "eval"):
@@ -486,8 +512,9 @@ def run(cfg: Config) -> dict:
   log.info("Strategy %s with %d replica(s); %d steps of %s.",
            type(strategy).__name__, strategy.num_replicas_in_sync,
            plan.total_steps, cfg.train_mode)
+  exports = load_exports(cfg, plan)   # outside the scope (see there)
   with strategy.scope():
-    learner, schedule = build_learner(cfg, plan)
+    learner, schedule = build_learner(cfg, plan, exports)
   if cfg.mode != "eval" and chief:
     check_free_space(cfg, learner)
   manager = checkpoint_manager(cfg, learner, chief, strategy)
