@@ -529,7 +529,7 @@ class Worker:
     self.config = config
     self.times = []
     self.cpu_times = []
-    self.pass_medians = []
+    self.pass_medians = {}   # pass number (over the whole run) -> median
     self.error = None
     self.ready = {}
     self.done = {}
@@ -571,7 +571,7 @@ class Worker:
       return False
     return True
 
-  def run(self, steps: int) -> None:
+  def run(self, steps: int, pass_id: int) -> None:
     if self.error:
       return
     try:
@@ -584,7 +584,7 @@ class Worker:
       return
     self.times.extend(times)
     self.cpu_times.extend(reply.get("cpu_times", []))
-    self.pass_medians.append(statistics.median(times))
+    self.pass_medians[pass_id] = statistics.median(times)
 
   def quit(self) -> None:
     if self.proc.poll() is None:
@@ -614,8 +614,9 @@ class Worker:
         "images_per_step": images_per_step(self.config),
         "images_per_s": _round(self.images_per_s()),
         "images_per_cpu_s": _round(self.images_per_s(self.cpu_times)),
-        "pass_images_per_s": [_round(images_per_step(self.config) / t)
-                              for t in self.pass_medians],
+        "pass_images_per_s": {
+            p: _round(images_per_step(self.config) / t)
+            for p, t in self.pass_medians.items()},
         "step_s": [round(t, 4) for t in self.times],
         "step_cpu_s": [round(t, 4) for t in self.cpu_times],
         "build_s": _round(self.ready.get("build_s")),
@@ -659,15 +660,23 @@ def machine_info() -> dict:
           "load_average_start": [round(x, 2) for x in os.getloadavg()]}
 
 
-def run_group(workers: list, args, log) -> None:
-  """Interleaves timed passes of `workers` (order rotated every pass)."""
+def run_group(workers: list, args, log, first_pass: int) -> None:
+  """Interleaves timed passes of `workers` (order rotated every pass).
+
+  Args:
+    workers: the Workers.
+    args: the command line.
+    log: function(message).
+    first_pass: number of the first pass (passes are numbered over the
+      whole run, so that pinned workers pair up with every group).
+  """
   live = [w for w in workers if not w.error]
   for p in range(args.repeats):
     order = live[p % len(live):] + live[:p % len(live)] if live else []
     for w in order:
       steps = args.steps * (PIPELINE_BATCHES_PER_STEP
                             if w.config["kind"] == "pipeline" else 1)
-      w.run(steps)
+      w.run(steps, first_pass + p)
       rate = w.images_per_s(w.times[-steps:]) if not w.error else None
       log(f"  pass {p + 1}/{args.repeats} {w.name:38s} "
           + (f"{rate:8.1f} img/s" if rate else f"FAILED: {w.error}"))
@@ -688,7 +697,9 @@ def start(config, args, log_dir, log):
 def summarise(results: list, references: list) -> list:
   """Derived ratios: full loop vs bare step, pipeline vs step, vs refs.
 
-  Each ratio is given from wall time ('ratio') and from CPU time
+  Each ratio is given from the median wall times ('ratio'), as the median
+  over passes of the ratio within a pass ('paired_ratio': the two ran
+  minutes apart, under about the same load) and from CPU time
   ('cpu_ratio', steadier on a shared machine).
   """
   by_name = {r["config"]["name"]: r for r in results}
@@ -699,6 +710,11 @@ def summarise(results: list, references: list) -> list:
       return
     note = {"what": f"{what}{a['config']['name']} / {b['config']['name']}",
             "ratio": round(a["images_per_s"] / b["images_per_s"], 3)}
+    paired = [a["pass_images_per_s"][p] / b["pass_images_per_s"][p]
+              for p in a["pass_images_per_s"]
+              if b["pass_images_per_s"].get(p)]
+    if paired:   # the median over passes of the ratio within a pass
+      note["paired_ratio"] = round(statistics.median(paired), 3)
     if a.get("images_per_cpu_s") and b.get("images_per_cpu_s"):
       note["cpu_ratio"] = round(a["images_per_cpu_s"] /
                                 b["images_per_cpu_s"], 3)
@@ -736,7 +752,7 @@ def print_table(report: dict) -> None:
   print(header)
   print("-" * len(header))
   for r in report["results"]:
-    passes = ",".join(f"{x:.0f}" for x in r["pass_images_per_s"])
+    passes = ",".join(f"{x:.0f}" for x in r["pass_images_per_s"].values())
     rate = f"{r['images_per_s']:8.1f}" if r["images_per_s"] else "  failed"
     cpu = (f"{r['images_per_cpu_s']:9.1f}" if r.get("images_per_cpu_s")
            else "        -")
@@ -745,11 +761,14 @@ def print_table(report: dict) -> None:
     print(f"{r['config']['name']:40s} {rate} {cpu} {passes:>22s} {rss} "
           f"{build}")
   if report["ratios"]:
-    print(f"\n{'ratio':76s} {'wall':>6s} {'cpu':>6s}")
+    print(f"\n{'ratio':70s} {'wall':>6s} {'paired':>6s} {'cpu':>6s}")
     for note in report["ratios"]:
       target = f"  (target {note['target']})" if "target" in note else ""
+      paired = (f"{note['paired_ratio']:6.3f}" if "paired_ratio" in note
+                else "     -")
       cpu = f"{note['cpu_ratio']:6.3f}" if "cpu_ratio" in note else "     -"
-      print(f"{note['what']:76s} {note['ratio']:6.3f} {cpu}{target}")
+      print(f"{note['what']:70s} {note['ratio']:6.3f} {paired} {cpu}"
+            f"{target}")
   m = report["machine"]
   print(f"\n{m['cpu']}, {m['cores']} cores; load average "
         f"{m['load_average_start']} -> {m['load_average_end']}; "
@@ -823,7 +842,7 @@ def main() -> None:
     for first in range(0, len(configs), room):
       group = [start(c, args, log_dir, log)
                for c in configs[first:first + room]]
-      run_group(pinned + group, args, log)
+      run_group(pinned + group, args, log, first // room * args.repeats)
       for w in group:
         w.quit()
       workers.extend(group)
