@@ -315,11 +315,13 @@ def _run_config(config: dict, work_dir: str, data_dir: str):
   from simclr_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   task = config["task"]
   full = config.get("tier") == "full"
+  # The bare and step tiers read only the data's size and classes (for the
+  # schedule and the heads); the full loop reads the images.
   values = dict(
       mode="train", train_mode=task, model_dir=os.path.join(work_dir, "run"),
-      dataset=config_lib.IMAGE_FOLDER if (full and data_dir) else
+      dataset=config_lib.IMAGE_FOLDER if data_dir else
       config_lib.BUNDLED_DATASET,
-      data_dir=data_dir if full else "", image_size=32, resnet_depth=18,
+      data_dir=data_dir, image_size=32, resnet_depth=18,
       color_jitter_strength=0.5, use_blur=False, temperature=0.5,
       proj_head_mode="nonlinear", num_proj_layers=3, proj_out_dim=128,
       ft_proj_selector=1, optimizer="lars",
