@@ -6,7 +6,15 @@ oneDNN) cannot leak into the others. The workers are started one at a time,
 warmed up, and then timed in alternating passes (A B C A B C ...; the order
 rotates every pass), so that they all see the same machine load, and ratios
 between configurations taken in one run are meaningful on a shared machine.
-Figures are the median over all timed steps.
+
+Figures: images/s is the median over all timed steps of the wall time;
+img/cpu-s divides by the CPU time of the worker process instead (all its
+threads), which other users of the machine disturb much less, so it is the
+steadier A/B measure on a busy machine (not an absolute speed: it also
+counts threads spinning while they wait). Ratios between configurations are
+given three ways: of the medians, "paired" (the median over passes of the
+ratio within one pass) and of the CPU figures. Peak memory is the worker's
+`ru_maxrss`.
 
 Configurations (`--configs`, comma separated; `--list` shows the presets):
 
@@ -65,7 +73,7 @@ SHARED_CIFAR10 = os.path.normpath(
     os.path.join(REPO, "..", "shared", "data", "cifar10"))
 
 PRESETS = {
-    # About 4 minutes on a quiet 2-core machine with --steps 2 --repeats 2.
+    # About 3 minutes on a quiet 2-core machine with --steps 2 --repeats 2.
     "quick": ("pretrain-step-fp32-b256,pretrain-step-bf16-b256,"
               "pipeline-pretrain-b256"),
     # Bare step against the full loop (the 10% target).
