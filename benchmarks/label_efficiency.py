@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -49,10 +50,10 @@ def parse_args(argv=None):
                  help="Scales every epoch count (1.0: ~90 min on 2 cores).")
   p.add_argument("--precision", default="mixed_bfloat16")
   p.add_argument("--fractions", default="0.01,0.1")
-  p.add_argument("--pretrain_epochs", type=float, default=4)
-  p.add_argument("--finetune_epochs_1pct", type=float, default=60)
-  p.add_argument("--finetune_epochs_10pct", type=float, default=12)
-  p.add_argument("--distill_epochs", type=float, default=1)
+  p.add_argument("--pretrain_epochs", type=float, default=3)
+  p.add_argument("--finetune_epochs_1pct", type=float, default=30)
+  p.add_argument("--finetune_epochs_10pct", type=float, default=5)
+  p.add_argument("--distill_epochs", type=float, default=0.5)
   p.add_argument("--holdout", type=float, default=0.1,
                  help="Fraction of each class held out from train as 'val'.")
   p.add_argument("--seed", type=int, default=0)
@@ -95,6 +96,18 @@ def _epochs(value: float, budget: float) -> str:
   return str(max(1, int(round(value * budget))))
 
 
+def _length(epochs: float, budget: float, examples: int, batch: int) -> str:
+  """A stage's length flag: whole epochs, or steps for a fraction of one."""
+  scaled = epochs * budget
+  if scaled >= 1 and abs(scaled - round(scaled)) < 1e-9:
+    return f"--train_epochs={int(round(scaled))}"
+  return f"--train_steps={max(1, math.ceil(scaled * examples / batch))}"
+
+
+def count_images(folder: str) -> int:
+  return sum(len(files) for _, _, files in os.walk(folder, followlinks=True))
+
+
 def plan(a, data_root: str) -> list[tuple[str, str, list[str]]]:
   """(row, column, run.py flags) for every stage, in dependency order."""
   out = lambda name: os.path.join(a.out, name)
@@ -135,7 +148,8 @@ def plan(a, data_root: str) -> list[tuple[str, str, list[str]]]:
         f"--init_from={out('finetune_' + tag)}/saved_model",
         "--train_batch_size=256", "--distill_temperature=0.1",
         "--learning_rate=0.1", "--weight_decay=0", "--warmup_epochs=0",
-        f"--train_epochs={_epochs(a.distill_epochs, a.budget)}"]))
+        _length(a.distill_epochs, a.budget,
+                count_images(os.path.join(data_root, "train")), 256)]))
   if a.smoke_steps:
     stages = [(m, c, f + [f"--train_steps={a.smoke_steps}"])
               for m, c, f in stages]

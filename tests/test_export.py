@@ -138,6 +138,25 @@ def test_load_model_rejects_a_different_architecture(exported):
     load_lib.load_model(path, wrong)
 
 
+def test_teacher_runs_in_the_session_precision(exported):
+  net, path, _ = exported
+  x = _images(4)
+  reference = net(x, training=False)["logits_sup"].numpy()
+  logits_fn, _ = load_lib.load_logits_fn(path)
+  np.testing.assert_allclose(logits_fn(x), reference, atol=1e-5, rtol=1e-5)
+  keras.config.set_dtype_policy("mixed_bfloat16")
+  try:
+    logits_fn, _ = load_lib.load_logits_fn(path)
+    fast = logits_fn(x)
+  finally:
+    keras.config.set_dtype_policy("float32")
+  fast = fast.numpy()
+  # Computed in bfloat16 (rounding shows), from the same weights.
+  assert np.abs(fast - reference).max() > 1e-4
+  np.testing.assert_allclose(fast, reference,
+                             atol=0.1 * np.abs(reference).max() + 0.05)
+
+
 def test_foreign_or_missing_exports_are_clear_errors(tmp_path):
   with pytest.raises(load_lib.ExportError, match="no saved_model.pb"):
     load_lib.read_meta(str(tmp_path))
