@@ -30,7 +30,7 @@ def parse_args(argv=None):
                  help="Folder for the four runs (replaced).")
   p.add_argument("--dataset", default="cifar10_sample")
   p.add_argument("--data_dir", default="")
-  p.add_argument("--precision", default="mixed_bfloat16")
+  p.add_argument("--precision", default="auto")
   p.add_argument("--pretrain_epochs", type=int, default=40)
   p.add_argument("--finetune_epochs", type=int, default=60)
   p.add_argument("--distill_epochs", type=int, default=20)

@@ -76,7 +76,8 @@ _HELP = {
     "strict_data": "Fail on the first unreadable image instead of skipping "
                    "and reporting it.",
     "resnet_depth": "ResNet depth: 18, 34, 50, 101, 152 or 200.",
-    "width_multiplier": "ResNet width multiplier (1, 2, 3, ...).",
+    "width_multiplier": "ResNet width multiplier (paper: 1, 2, 3; 0.5 or "
+                        "0.25 for narrow networks on small budgets).",
     "sk_ratio": "Selective-kernel ratio (paper: 0.0625); 0 disables SK.",
     "se_ratio": "Squeeze-excitation ratio; 0 disables SE.",
     "batch_norm_decay": "Batch-norm moving-average momentum.",
@@ -113,8 +114,10 @@ _HELP = {
     "memory_size": "Memory queue of momentum-encoder negatives (0: off; "
                    "paper: 65536).",
     "memory_momentum": "Moving-average momentum of the memory network.",
-    "precision": "float32, mixed_bfloat16 (CPUs with AMX, TPUs, recent "
-                 "GPUs) or mixed_float16 (with loss scaling).",
+    "precision": "auto (mixed_bfloat16 on TPUs, GPUs of compute "
+                 "capability >= 8 and CPUs with AVX512_BF16 or AMX, else "
+                 "float32), float32, mixed_bfloat16 or mixed_float16 (with "
+                 "loss scaling).",
     "jit_compile": "Compile the training step with XLA.",
     "steps_per_execution": "Training steps per tf.function call.",
     "checkpoint_steps": "Checkpoint every N steps (0: use "

@@ -19,7 +19,7 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 PROJ_HEAD_MODES = ("nonlinear", "linear", "none")
 OPTIMIZERS = ("lars", "momentum", "adam")
 LR_SCALINGS = ("linear", "sqrt")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 
 # The dataset bundled inside the package (a small CIFAR-10 sample), so that
@@ -44,7 +44,8 @@ class ModelConfig:
 
   Attributes:
     resnet_depth: 18, 34 (basic blocks) or 50, 101, 152, 200 (bottlenecks).
-    width_multiplier: channel multiplier of the ResNet (paper: 1, 2, 3).
+    width_multiplier: channel multiplier of the ResNet (paper: 1, 2, 3;
+      fractions such as 0.5 give narrow networks for small budgets).
     sk_ratio: selective-kernel reduction ratio; 0 disables SK (paper: 1/16).
     se_ratio: squeeze-excitation ratio; 0 disables SE.
     cifar_stem: 3x3 stride-1 stem without max-pool (images of 32 px or less).
@@ -63,7 +64,7 @@ class ModelConfig:
   """
 
   resnet_depth: int = 18
-  width_multiplier: int = 1
+  width_multiplier: float = 1.0
   sk_ratio: float = 0.0
   se_ratio: float = 0.0
   cifar_stem: bool = True
@@ -132,7 +133,7 @@ class Config:
 
   # Model.
   resnet_depth: int = 18
-  width_multiplier: int = 1
+  width_multiplier: float = 1.0
   sk_ratio: float = 0.0
   se_ratio: float = 0.0
   batch_norm_decay: float = 0.9
@@ -161,7 +162,7 @@ class Config:
   distill_label_weight: float = 0.0
   memory_size: int = 0
   memory_momentum: float = 0.999
-  precision: str = "float32"
+  precision: str = "auto"
   jit_compile: bool = False
   steps_per_execution: int = 1
 
@@ -220,7 +221,12 @@ def validate(cfg: Config) -> Config:
                 LR_SCALINGS)
   _check_choice("precision", cfg.precision, PRECISIONS)
   _check_choice("strategy", cfg.strategy, STRATEGIES)
-  _check_range("width_multiplier", cfg.width_multiplier, 1, None)
+  stem_channels = 64 * cfg.width_multiplier
+  if cfg.width_multiplier <= 0 or abs(stem_channels - round(stem_channels)) > 1e-9:
+    raise ConfigError(
+        f"--width_multiplier={cfg.width_multiplier!r} does not give whole "
+        "channels (64 x the multiplier must be a whole number); use e.g. "
+        "0.25, 0.5, 1, 2 or 3.")
   _check_range("sk_ratio", cfg.sk_ratio, 0.0, 1.0)
   _check_range("se_ratio", cfg.se_ratio, 0.0, 1.0)
   _check_range("batch_norm_decay", cfg.batch_norm_decay, 0.0, 1.0)

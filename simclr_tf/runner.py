@@ -508,10 +508,12 @@ def run(cfg: Config) -> dict:
   keras.utils.set_random_seed(cfg.seed)
   plan = eval_plan(cfg, make_plan(cfg))
   chief = distribute.is_chief(strategy)
+  cfg = cfg.replace(
+      precision=distribute.resolve_precision(cfg.precision, strategy))
   keras.config.set_dtype_policy(cfg.precision)
-  log.info("Strategy %s with %d replica(s); %d steps of %s.",
+  log.info("Strategy %s with %d replica(s); %d steps of %s in %s.",
            type(strategy).__name__, strategy.num_replicas_in_sync,
-           plan.total_steps, cfg.train_mode)
+           plan.total_steps, cfg.train_mode, cfg.precision)
   exports = load_exports(cfg, plan)   # outside the scope (see there)
   with strategy.scope():
     learner, schedule = build_learner(cfg, plan, exports)

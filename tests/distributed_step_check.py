@@ -52,7 +52,8 @@ def _config(task: str):
                 train_steps=10, warmup_epochs=0.0,
                 learning_rate=LEARNING_RATE,
                 global_bn=True, optimizer="lars", cache_dataset=False,
-                log_images=False, model_dir="/tmp/unused")
+                log_images=False, model_dir="/tmp/unused",
+                precision="float32")
 
 
 def _global_batch(cfg):

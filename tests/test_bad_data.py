@@ -10,7 +10,6 @@ loop. Hidden entries are not data: they are ignored, not reported.
 import io
 import os
 import re
-import time
 
 import numpy as np
 import pytest
@@ -152,7 +151,6 @@ def test_every_usable_kind_goes_through_the_pipeline(messy):
 
 def test_strict_data_is_a_one_line_error_naming_a_bad_file(messy, tmp_path):
   root, _, bad = messy
-  start = time.time()
   proc = run_cli(*RUN_FLAGS, f"--data_dir={root}", "--strict_data",
                  f"--model_dir={tmp_path / 'run'}", timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
@@ -161,7 +159,6 @@ def test_strict_data_is_a_one_line_error_naming_a_bad_file(messy, tmp_path):
   named = errors[0].split("run.py: error: ", 1)[1].split(" cannot be used")[0]
   assert named in bad and "--strict_data" in errors[0]
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
-  assert time.time() - start < 120
 
 
 def test_folder_without_usable_image_is_a_one_line_error(tmp_path):

@@ -121,6 +121,29 @@ def test_make_strategy_local_kinds():
   assert distribute.task_name(one) == "chief"
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx512f", "avx512_bf16"}, "mixed_bfloat16"),   # e.g. AMD Zen 4
+    ({"avx512f", "amx_bf16", "amx_tile"}, "mixed_bfloat16"),   # Intel AMX
+    ({"avx2", "fma"}, "float32"),                     # bfloat16 emulated
+    (set(), "float32"),
+])
+def test_auto_precision_on_cpus(flags, expected):
+  one = distribute.make_strategy("one_device")
+  assert distribute.resolve_precision("auto", one, cpu_flags=flags) == expected
+  for explicit in ("float32", "mixed_bfloat16", "mixed_float16"):
+    assert distribute.resolve_precision(explicit, one, cpu_flags=flags) == (
+        explicit)
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nmodel name\t: Some CPU\n"
+                  "flags\t\t: fpu sse2 avx512_bf16 avx2\n\n")
+  assert distribute._cpu_flags(str(info)) == {"fpu", "sse2", "avx512_bf16",
+                                              "avx2"}
+  assert distribute._cpu_flags(str(tmp_path / "missing")) == set()
+
+
 class _Spec:
   def __init__(self, spec):
     self.spec = spec

