@@ -56,9 +56,9 @@ def parse_args(argv=None):
                  help="ResNet-18 width (1.0: the paper's; 0.25 runs ~9x "
                  "faster on a CPU, which is what fits the budget).")
   p.add_argument("--fractions", default="0.01,0.1")
-  p.add_argument("--pretrain_epochs", type=float, default=3)
+  p.add_argument("--pretrain_epochs", type=float, default=2)
   p.add_argument("--finetune_epochs_1pct", type=float, default=30)
-  p.add_argument("--finetune_epochs_10pct", type=float, default=10)
+  p.add_argument("--finetune_epochs_10pct", type=float, default=5)
   p.add_argument("--distill_epochs", type=float, default=0.5)
   p.add_argument("--holdout", type=float, default=0.1,
                  help="Fraction of each class held out from train as 'val'.")
