@@ -32,10 +32,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data", "cifar10")
@@ -189,7 +192,8 @@ def table(rows: dict, columns: list[str]) -> str:
   return "\n".join(lines)
 
 
-def chart(rows: dict, columns: list[str], path: str) -> None:
+def chart(rows: dict, columns: list[str], path: str,
+          width_multiplier: float = 1.0) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -206,8 +210,11 @@ def chart(rows: dict, columns: list[str], path: str) -> None:
                  for j in range(len(columns))])
   ax.set_xticklabels([f"{c} labels" for c in columns])
   ax.set_ylabel("CIFAR-10 test top-1 (%)")
-  ax.set_title("SimCLRv2 vs supervised, ResNet-18, same CPU budget")
-  ax.legend()
+  ax.set_ylim(0, 1.25 * max(100 * cell["top1"] for m in methods
+                            for cell in rows[m].values()))
+  ax.set_title(f"SimCLRv2 vs supervised, ResNet-18 {width_multiplier:g}x, "
+               "same CPU budget")
+  ax.legend(loc="upper left", ncol=len(methods))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -228,8 +235,8 @@ def main(argv=None):
     if column != "-" and column not in columns:
       columns.append(column)
   report = {
-      "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
-      platform.machine(), "cpus": os.cpu_count(),
+      "date": time.strftime("%Y-%m-%d"), "machine": throughput.machine_info(),
+      "width_multiplier": a.width_multiplier,
       "command": " ".join(sys.argv), "budget": a.budget,
       "total_minutes": round((time.time() - start) / 60, 1),
       "results": rows,
@@ -241,7 +248,7 @@ def main(argv=None):
   print(f"pretraining: {rows['pretrain']['-']['seconds'] / 60:.1f} min "
         f"(linear head on val: {100 * rows['pretrain']['-'].get('top1', 0):.1f}%)"
         f"; total {report['total_minutes']} min")
-  chart(rows, columns, os.path.join(a.out, "results.png"))
+  chart(rows, columns, os.path.join(a.out, "results.png"), a.width_multiplier)
   print(f"wrote {a.out}/results.json and results.png")
 
 
