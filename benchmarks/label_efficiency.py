@@ -51,12 +51,13 @@ def parse_args(argv=None):
   p.add_argument("--out", default=os.path.join(ROOT, "runs",
                                                "label_efficiency"))
   p.add_argument("--budget", type=float, default=1.0,
-                 help="Scales every epoch count (1.0: ~90 min on 2 cores).")
+                 help="Scales every epoch count (1.0: 68 min on a 2-core AVX2 "
+                 "CPU).")
   p.add_argument("--precision", default="auto",
                  help="run.py's --precision (auto: mixed_bfloat16 where "
                  "bfloat16 is native, else float32).")
   p.add_argument("--width_multiplier", type=float, default=0.25,
-                 help="ResNet-18 width (1.0: the paper's; 0.25 runs ~9x "
+                 help="ResNet-18 width (1.0: the paper's; 0.25 runs ~6x "
                  "faster on a CPU, which is what fits the budget).")
   p.add_argument("--fractions", default="0.01,0.1")
   p.add_argument("--pretrain_epochs", type=float, default=2)
