@@ -195,6 +195,13 @@ def _check_choice(name: str, value, allowed) -> None:
         f"{', '.join(str(a) for a in allowed)}.")
 
 
+def whole_channels(width_multiplier: float) -> bool:
+  """True for a ResNet width multiplier that gives every layer whole
+  channels: positive, with 64 (the narrowest base width) x it an integer."""
+  channels = 64 * width_multiplier
+  return width_multiplier > 0 and abs(channels - round(channels)) < 1e-9
+
+
 def _check_range(name: str, value, low, high, low_open=False, fix=""):
   too_low = value <= low if low_open else value < low
   if too_low or (high is not None and value > high):
@@ -221,8 +228,7 @@ def validate(cfg: Config) -> Config:
                 LR_SCALINGS)
   _check_choice("precision", cfg.precision, PRECISIONS)
   _check_choice("strategy", cfg.strategy, STRATEGIES)
-  stem_channels = 64 * cfg.width_multiplier
-  if cfg.width_multiplier <= 0 or abs(stem_channels - round(stem_channels)) > 1e-9:
+  if not whole_channels(cfg.width_multiplier):
     raise ConfigError(
         f"--width_multiplier={cfg.width_multiplier!r} does not give whole "
         "channels (64 x the multiplier must be a whole number); use e.g. "

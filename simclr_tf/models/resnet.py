@@ -30,6 +30,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from simclr_tf import config as config_lib
 from simclr_tf.models.batch_norm import BatchNormalization
 
 # Blocks per group (He et al. 2016, Table 1; 200 from He et al. 2016b).
@@ -523,12 +524,6 @@ class Stem(_BNLayer):
     return config
 
 
-def check_width_multiplier(width_multiplier: float) -> bool:
-  """True for a multiplier that gives every block group whole channels."""
-  channels = GROUP_FILTERS[0] * width_multiplier
-  return width_multiplier > 0 and abs(channels - round(channels)) < 1e-9
-
-
 class ResNet(_BNLayer):
   """The SimCLRv2 ResNet encoder (a Keras layer, NHWC).
 
@@ -579,7 +574,7 @@ class ResNet(_BNLayer):
     if depth not in BLOCK_TYPES:
       raise ValueError(f"depth must be one of {sorted(BLOCK_TYPES)}. "
                        f"Received: depth={depth}")
-    if not check_width_multiplier(width_multiplier):
+    if not config_lib.whole_channels(width_multiplier):
       raise ValueError(
           f"width_multiplier must be positive with {GROUP_FILTERS[0]} x "
           f"width_multiplier a whole number (e.g. 0.25, 0.5, 1, 2). "
