@@ -33,5 +33,8 @@ setuptools.setup(
         "test": ["pytest>=8", "tensorflow-hub>=0.16", "tf-keras>=2.21,<2.22"],
         "bench": ["matplotlib>=3.8"],
     },
-    entry_points={"console_scripts": ["simclr-tf=run:entry_point"]},
+    entry_points={"console_scripts": [
+        "simclr-tf=run:entry_point",
+        "simclr-tf-import-official=tf_hub_export.import_official:entry_point",
+    ]},
 )
