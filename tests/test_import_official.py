@@ -10,6 +10,7 @@ Two kinds of cases:
   reproduce them to 1e-4 (relative max error). Skipped without ../shared.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -295,6 +296,18 @@ def test_architecture_flags_printed_match_the_export(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert "--resnet_depth=18 --width_multiplier=0.25" in printed
   assert "--se_ratio=0.25" in printed
+  # Fine-tunable under Keras 3 like any export of ours.
+  layer = keras.layers.TFSMLayer(str(tmp_path / "out"), call_endpoint="serve",
+                                 call_training_endpoint="train",
+                                 trainable=True)
+  images = tf.random.uniform([2, 32, 32, 3], seed=1)
+  with tf.GradientTape() as tape:
+    out = layer(images, training=True)
+    loss = (tf.reduce_sum(out["logits_sup"] ** 2) +
+            tf.reduce_sum(out["proj_head_output"] ** 2))
+  grads = tape.gradient(loss, layer.trainable_weights)
+  assert len(grads) == len(model.trainable_variables)
+  assert all(g is not None for g in grads)
 
 
 # === Bad input: exit 2, one line, nothing written ============================
@@ -529,3 +542,10 @@ def test_imported_fixture_finetunes_and_distills_two_steps(imported, tmp_path,
                  *common)
   assert dist.returncode == 0, dist.stderr[-3000:]
   assert (tmp_path / "dist" / "saved_model" / "saved_model.pb").exists()
+  if load.read_meta(out).model_config.num_classes == 10:
+    # The CIFAR fixture's own head evaluated as it is on the bundled sample.
+    ev = run_cli("--mode=eval", "--train_mode=finetune", f"--init_from={out}",
+                 f"--model_dir={tmp_path / 'eval'}", *_TRAIN_FLAGS, *arch)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "result.json").read_text())
+    assert 0.0 <= result["top1"] <= 100.0 and result["top5"] >= result["top1"]
