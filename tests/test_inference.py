@@ -1,0 +1,117 @@
+"""--mode=embed / --mode=predict (simclr_tf.inference) on real images."""
+
+import csv
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT
+from simclr_tf import inference
+from simclr_tf.config import ModelConfig
+from simclr_tf.data import augment, folder
+from simclr_tf.models.simclr import build_model
+from tf_hub_export.export import export_saved_model
+
+SAMPLE = os.path.join(ROOT, "simclr_tf", "data", "cifar10_sample", "test")
+CLASSES = ("airplane", "automobile", "bird")
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+  keras.config.set_dtype_policy("float32")
+  config = ModelConfig(resnet_depth=18, width_multiplier=0.25,
+                       global_bn=False, proj_out_dim=16, num_classes=3)
+  model = build_model(config, 32)
+  rng = np.random.default_rng(0)
+  head = model.sup_head.dense
+  head.kernel.assign(rng.normal(size=head.kernel.shape).astype(np.float32))
+  out = str(tmp_path_factory.mktemp("export") / "saved_model")
+  export_saved_model(model, out, 32, class_names=CLASSES)
+  return out
+
+
+@pytest.fixture
+def images(tmp_path):
+  """ROOT/test/<class>/ with 4 real images each and one unreadable file."""
+  root = tmp_path / "data"
+  for name in CLASSES:
+    (root / "test" / name).mkdir(parents=True)
+    for f in sorted(os.listdir(os.path.join(SAMPLE, name)))[:4]:
+      shutil.copy(os.path.join(SAMPLE, name, f), root / "test" / name / f)
+  (root / "test" / "bird" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+  return str(root)
+
+
+def _expected(export, paths, key):
+  loaded = tf.saved_model.load(export)
+  batch = tf.stack([augment.preprocess_for_eval(
+      folder.decode_image(tf.io.read_file(p)), 32, 32) for p in paths])
+  return loaded.serve(batch)[key].numpy()
+
+
+def test_embed_writes_rows_in_file_order_and_lists_skipped(export_dir, images,
+                                                           tmp_path):
+  out = tmp_path / "out"
+  result = inference.run("embed", export_dir, images, "test", str(out),
+                         batch_size=5)
+  files = open(out / "embeddings_files.txt").read().splitlines()
+  emb = np.load(out / "embeddings.npy")
+  assert len(files) == 12 and emb.shape == (12, 128)   # 512 x 0.25
+  listing = folder.list_image_folder(images, "test")
+  assert tuple(files) == listing.paths == result.files
+  np.testing.assert_allclose(emb[[0, 7, 11]], _expected(
+      export_dir, [files[0], files[7], files[11]], "final_avg_pool"),
+                             rtol=1e-4, atol=1e-5)
+  skipped = open(out / "skipped.txt").read()
+  assert "broken.jpg" in skipped and len(result.skipped) == 1
+
+
+def test_embed_csv_has_a_header_and_one_row_per_file(export_dir, images,
+                                                     tmp_path):
+  inference.run("embed", export_dir, images, "test", str(tmp_path / "o"),
+                output_format="csv")
+  rows = list(csv.reader(open(tmp_path / "o" / "embeddings.csv")))
+  assert rows[0][:2] == ["file", "f0"] and len(rows[0]) == 129
+  assert len(rows) == 13 and rows[1][0].endswith(".jpg")
+
+
+def test_predict_writes_top5_with_the_export_class_names(export_dir, images,
+                                                         tmp_path):
+  inference.run("predict", export_dir, images, "test", str(tmp_path / "p"))
+  rows = list(csv.reader(open(tmp_path / "p" / "predictions.csv")))
+  assert rows[0] == ["file", "top1", "p1", "top2", "p2", "top3", "p3"]
+  assert len(rows) == 13
+  logits = _expected(export_dir, [rows[1][0]], "logits_sup")[0]
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  order = np.argsort(-probs)
+  assert rows[1][1::2] == [CLASSES[c] for c in order]
+  np.testing.assert_allclose([float(p) for p in rows[1][2::2]], probs[order],
+                             atol=1e-5)
+
+
+def test_missing_or_foreign_export_is_a_clear_error(images, tmp_path):
+  with pytest.raises(inference.InferenceError, match="not a SavedModel"):
+    inference.run("embed", str(tmp_path / "nothing"), images, "test",
+                  str(tmp_path / "o"))
+  foreign = str(tmp_path / "foreign")
+  module = tf.Module()
+  module.f = tf.function(lambda x: x, input_signature=[tf.TensorSpec([None])])
+  tf.saved_model.save(module, foreign)
+  with pytest.raises(inference.InferenceError, match="not written by"):
+    inference.run("embed", foreign, images, "test", str(tmp_path / "o"))
+  assert not os.path.exists(tmp_path / "o")
+
+
+def test_predict_needs_a_supervised_head(images, tmp_path):
+  keras.config.set_dtype_policy("float32")
+  model = build_model(ModelConfig(resnet_depth=18, width_multiplier=0.25,
+                                  global_bn=False, proj_out_dim=16), 32)
+  out = str(tmp_path / "pre")
+  export_saved_model(model, out, 32)
+  with pytest.raises(inference.InferenceError, match="no supervised head"):
+    inference.run("predict", out, images, "test", str(tmp_path / "o"))
