@@ -549,3 +549,16 @@ def test_imported_fixture_finetunes_and_distills_two_steps(imported, tmp_path,
     assert ev.returncode == 0, ev.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "result.json").read_text())
     assert 0.0 <= result["top1"] <= 100.0 and result["top5"] >= result["top1"]
+
+
+def test_source_may_be_a_prefix_a_file_of_it_or_a_folder(tmp_path):
+  model = _random_model(R18_SE, 32, seed=12)
+  folder = tmp_path / "release"
+  older = write_checkpoint(str(folder / "ckpt-9"), tf2_tensors(model))
+  latest = write_checkpoint(str(folder / "ckpt-10"), tf2_tensors(model))
+  # No 'checkpoint' state file: the folder's highest step (10, not "9" > "1").
+  assert official.resolve_source(str(folder)) == ("checkpoint", latest)
+  assert official.resolve_source(older + ".index") == ("checkpoint", older)
+  assert official.resolve_source(
+      latest + ".data-00000-of-00001") == ("checkpoint", latest)
+  assert official.read(str(folder)).form == "tf2_checkpoint"

@@ -120,6 +120,8 @@ def resolve_source(src: str) -> tuple[str, str]:
   `hub/`); a folder's own checkpoint is preferred to its exports.
   """
   src = src.rstrip("/") or src
+  # A file of the checkpoint itself names its prefix.
+  src = re.sub(r"\.(index|data-\d+-of-\d+)$", "", src)
   if not os.path.exists(src) and not _is_prefix(src):
     data = [f for f in _listdir(os.path.dirname(src) or ".")
             if f.startswith(os.path.basename(src) + ".data-")]
