@@ -1,7 +1,7 @@
 """TensorBoard projector view of a model's features (`final_avg_pool`).
 
 `write_projector(log_dir, ...)` writes, into a TensorBoard run folder:
-  embedding.ckpt-*            the [N, D] features as one checkpoint variable;
+  embedding.ckpt.*            the [N, D] features, one tensor named `name`;
   metadata.tsv                the label (class name) of every row;
   sprite.png                  a grid of the N thumbnails, row-major;
   projector_config.pbtxt      what ties them together for the plugin.
@@ -20,7 +20,6 @@ from PIL import Image
 
 MAX_POINTS = 1000
 THUMBNAIL = 32
-TENSOR_NAME = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def sprite(images: np.ndarray, thumbnail: int = THUMBNAIL) -> np.ndarray:
@@ -69,11 +68,16 @@ def write_projector(log_dir: str, features: np.ndarray, labels: np.ndarray,
     for label in labels:
       f.write((names[label] if 0 <= label < len(names) else
                str(int(label)) if label >= 0 else "unlabeled") + "\n")
-  ckpt = tf.train.Checkpoint(embedding=tf.Variable(features, name=name))
-  ckpt.save(os.path.join(log_dir, "embedding.ckpt"))
+  # A checkpoint holding just this tensor, under its own name (the name the
+  # projector shows).
+  prefix = os.path.join(log_dir, "embedding.ckpt")
+  tf.raw_ops.SaveV2(prefix=prefix, tensor_names=[name],
+                    shape_and_slices=[""], tensors=[tf.constant(features)])
+  with open(os.path.join(log_dir, "checkpoint"), "w") as f:
+    f.write('model_checkpoint_path: "embedding.ckpt"\n')
   config = projector.ProjectorConfig()
   embedding = config.embeddings.add()
-  embedding.tensor_name = TENSOR_NAME
+  embedding.tensor_name = name
   embedding.metadata_path = "metadata.tsv"
   if images is not None:
     Image.fromarray(sprite(images[:n])).save(

@@ -28,11 +28,11 @@ def test_write_projector_files_tie_together(tmp_path):
   config = projector.write_projector(str(tmp_path), features, labels,
                                      ("cat", "dog", "ship"), images)
   text = open(config).read()
-  assert projector.TENSOR_NAME in text and "sprite.png" in text
+  assert 'tensor_name: "final_avg_pool"' in text and "sprite.png" in text
   assert open(tmp_path / "metadata.tsv").read().split("\n")[:6] == [
       "cat", "dog", "ship", "dog", "cat", "unlabeled"]
   ckpt = tf.train.latest_checkpoint(str(tmp_path))
-  stored = tf.train.load_checkpoint(ckpt).get_tensor(projector.TENSOR_NAME)
+  stored = tf.train.load_checkpoint(ckpt).get_tensor("final_avg_pool")
   np.testing.assert_array_equal(stored, features)
   assert Image.open(tmp_path / "sprite.png").size == (96, 96)
 
