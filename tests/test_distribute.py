@@ -24,9 +24,7 @@ from simclr_tf import runner
 from simclr_tf.config import Config
 from simclr_tf.models.batch_norm import BatchNormalization
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import TINY_FLAGS, run_cli  # noqa: E402  pylint: disable=g-import-not-at-top
+from conftest import ROOT, TINY_FLAGS, run_cli, run_fresh
 
 # Ops that run Python or need the host: a TPU step cannot contain them.
 HOST_ONLY_OPS = {"PyFunc", "EagerPyFunc", "PyFuncStateless", "PrintV2",
@@ -280,15 +278,10 @@ def test_train_step_has_no_host_only_ops(task, tmp_path, monkeypatch):
 # --- One step: mirrored over 2 CPUs == one device -----------------------------
 
 @pytest.mark.slow  # a fresh process, 4 ResNet-18 traces: ~1-2.5 min on 2 CPUs
-def test_mirrored_step_equals_single_device_step(tmp_path):
-  out = tmp_path / "result.json"
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "distributed_step_check.py"),
-       str(out), "--tasks=pretrain,finetune"],
-      capture_output=True, text=True, timeout=400, cwd=ROOT,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  results = {r["task"]: r for r in json.loads(out.read_text())}
+def test_mirrored_step_equals_single_device_step():
+  found = run_fresh(os.path.join(ROOT, "tests", "distributed_step_check.py"),
+                    "check", "pretrain,finetune", timeout=400)
+  results = {r["task"]: r for r in found}
   for task in ("pretrain", "finetune"):
     r = results[task]
     assert r["replicas"] == 2 and r["replica_spread"] == 0.0, r

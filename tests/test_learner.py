@@ -112,13 +112,36 @@ def test_unlabeled_examples_do_not_count_in_the_supervised_loss():
 
 
 def test_weight_decay_term_is_logged_and_added():
-  net = simclr_lib.build_model(ModelConfig(**SMALL), 32)
-  groups = simclr_lib.decay_groups(net, "momentum")
-  learner = Learner(net, tasks.Finetune(), l2_variables=groups.loss_l2,
-                    weight_decay=1e-3)
+  keras.utils.set_random_seed(0)
+  nets = [simclr_lib.build_model(ModelConfig(**SMALL), 32) for _ in range(2)]
+  simclr_lib.copy_weights(nets[0], nets[1])
+  groups = [simclr_lib.decay_groups(net, "momentum") for net in nets]
   expected = 1e-3 * sum(float(np.sum(v.numpy() ** 2)) / 2
-                        for v in groups.loss_l2)
-  np.testing.assert_allclose(float(learner._l2_term()), expected, rtol=1e-4)
+                        for v in groups[0].loss_l2)
+  assert expected > 0
+  path = sorted(v.path for v in groups[0].loss_l2
+                if "head_supervised" not in v.path)[0]
+  start = simclr_lib.variables_by_path(nets[0])[path].numpy().copy()
+  lr, logs = 0.1, []
+  for net, group, decay in zip(nets, groups, (1e-3, 0.0)):
+    learner = Learner(net, tasks.Finetune(), l2_variables=group.loss_l2,
+                      weight_decay=decay)
+    learner.compile(optimizer=keras.optimizers.SGD(lr))
+    logs.append(_fit(learner, _batch(), steps=1))
+  # Logged: the term by hand, and the loss is the task's plus the term.
+  with_decay, without = logs
+  np.testing.assert_allclose(with_decay["weight_decay"][0], expected,
+                             rtol=1e-4)
+  np.testing.assert_allclose(
+      with_decay["loss"][0],
+      with_decay["sup_loss"][0] + with_decay["weight_decay"][0], rtol=1e-5)
+  assert without["weight_decay"][0] == 0.0
+  # Added to what is differentiated: one SGD step moves a decayed kernel
+  # further, by lr * decay * w (the gradient of decay * |w|^2 / 2).
+  decayed, plain = (simclr_lib.variables_by_path(net)[path].numpy()
+                    for net in nets)
+  np.testing.assert_allclose(plain - decayed, lr * 1e-3 * start,
+                             atol=1e-3 * lr * 1e-3 * np.abs(start).max())
 
 
 def test_top_k_breaks_ties_by_class_index():
