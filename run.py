@@ -51,8 +51,6 @@ _HELP = {
                  "same command continues from the latest checkpoint.",
     "init_from": "A saved_model/ written by a previous stage; its encoder "
                  "and projection head initialise this run (checked).",
-    "checkpoint": "Reserved: start from a training checkpoint (use "
-                  "--init_from with an export instead).",
     "teacher": "Distillation teacher: a SavedModel with a 'logits_sup' "
                "output (e.g. a fine-tune export).",
     "seed": "Seed of the label subset, data order, augmentations and "

@@ -38,6 +38,12 @@ class ConfigError(ValueError):
   """A flag value that cannot work; the message names flag, value and fix."""
 
 
+def num_proj_layers(proj_head_mode: str, num_layers: int) -> int:
+  """Layers of a whole projection head: 0 ('none'), 1 ('linear') or
+  `num_layers` ('nonlinear')."""
+  return {"none": 0, "linear": 1, "nonlinear": num_layers}[proj_head_mode]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The architecture of a SimCLR model: everything needed to rebuild it.
@@ -98,9 +104,7 @@ class ModelConfig:
   @property
   def num_proj_outputs(self) -> int:
     """Projection layers the model computes (kept ones only)."""
-    if self.proj_head_mode == "none":
-      return 0
-    total = 1 if self.proj_head_mode == "linear" else self.num_proj_layers
+    total = num_proj_layers(self.proj_head_mode, self.num_proj_layers)
     if self.proj_layers_kept is None:
       return total
     return min(total, self.proj_layers_kept)
@@ -115,7 +119,6 @@ class Config:
   train_mode: str = "pretrain"
   model_dir: str = "/tmp/simclr_tf"
   init_from: str = ""
-  checkpoint: str = ""
   teacher: str = ""
   seed: int = 0
 
@@ -275,7 +278,7 @@ def validate(cfg: Config) -> Config:
         f"--image_size={cfg.image_size} is too small for the ImageNet stem "
         f"(used above {CIFAR_STEM_MAX_SIZE} px); use at most "
         f"{CIFAR_STEM_MAX_SIZE} or at least {MIN_IMAGE_SIZE_IMAGENET_STEM}.")
-  max_selector = _num_proj_layers_total(cfg)
+  max_selector = num_proj_layers(cfg.proj_head_mode, cfg.num_proj_layers)
   _check_range("ft_proj_selector", cfg.ft_proj_selector, 0, max_selector,
                fix=f"--proj_head_mode={cfg.proj_head_mode} with "
                f"--num_proj_layers={cfg.num_proj_layers} has "
@@ -302,12 +305,6 @@ def validate(cfg: Config) -> Config:
         f"--train_batch_size={cfg.train_batch_size} does not split evenly "
         f"over --cpu_replicas={cfg.cpu_replicas}; use a multiple of it.")
   return cfg
-
-
-def _num_proj_layers_total(cfg: Config) -> int:
-  if cfg.proj_head_mode == "none":
-    return 0
-  return 1 if cfg.proj_head_mode == "linear" else cfg.num_proj_layers
 
 
 def model_config(cfg: Config, num_classes: int,

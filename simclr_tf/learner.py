@@ -64,15 +64,10 @@ class Learner(keras.Model):
 
   def test_step(self, data):
     data = _unpack(data)
-    labels = data["label"]
     logits = self.net(data["image"], training=False)["logits_sup"]
-    labeled = labels >= 0
-    safe = tf.maximum(labels, 0)
-    values = {
-        "loss": (tasks_lib.losses.supervised_loss(labels, logits), labeled),
-        "top1": (tasks_lib.top_k_correct(safe, logits, 1), labeled),
-        "top5": (tasks_lib.top_k_correct(safe, logits, 5), labeled),
-    }
+    values = tasks_lib.classification_metrics(
+        data["label"], logits, loss_name="loss",
+        top_k_names=((1, "top1"), (5, "top5")))
     return self._update(self.eval_trackers, values)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
