@@ -13,8 +13,10 @@ import json
 import math
 from typing import Any, Optional
 
+from simclr_tf import stages
+
 MODES = ("train", "eval", "train_then_eval")
-TRAIN_MODES = ("pretrain", "finetune", "distill")
+TRAIN_MODES = tuple(stages.STAGES)
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 PROJ_HEAD_MODES = ("nonlinear", "linear", "none")
 OPTIMIZERS = ("lars", "momentum", "adam")
@@ -283,14 +285,17 @@ def validate(cfg: Config) -> Config:
                fix=f"--proj_head_mode={cfg.proj_head_mode} with "
                f"--num_proj_layers={cfg.num_proj_layers} has "
                f"{max_selector} projection layer(s).")
-  if cfg.train_mode == "distill" and not cfg.teacher and cfg.mode != "eval":
+  stage = stages.get(cfg.train_mode)
+  if stage.teacher and not cfg.teacher and cfg.mode != "eval":
     raise ConfigError(
-        "--teacher is empty; --train_mode=distill needs --teacher=DIR, a "
-        "SavedModel with a 'logits_sup' output (e.g. a fine-tune export).")
-  if cfg.train_mode == "finetune" and cfg.teacher:
+        f"--teacher is empty; --train_mode={stage.name} needs --teacher=DIR, "
+        "a SavedModel with a 'logits_sup' output (e.g. a fine-tune export).")
+  unused = stages.unused_flags(stage, dataclasses.asdict(cfg))
+  if unused:
+    flag, value, users = unused[0]
     raise ConfigError(
-        f"--teacher={cfg.teacher!r} is only used by --train_mode=distill; "
-        "drop it or change --train_mode.")
+        f"--{flag}={value!r} is only used by --train_mode="
+        f"{' or '.join(users)}; drop it or change --train_mode.")
   if cfg.tpu and cfg.strategy not in ("auto", "tpu"):
     raise ConfigError(
         f"--tpu={cfg.tpu!r} needs --strategy=tpu or auto; received "
@@ -337,7 +342,7 @@ def model_config(cfg: Config, num_classes: int,
   else:
     base = dataclasses.replace(base, batch_norm_decay=cfg.batch_norm_decay,
                                global_bn=cfg.global_bn)
-  if cfg.train_mode == "pretrain":
+  if stages.get(cfg.train_mode).whole_proj_head:
     with_head = cfg.lineareval_while_pretraining and num_classes > 0
     return dataclasses.replace(
         base, proj_layers_kept=None,

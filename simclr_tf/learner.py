@@ -18,7 +18,17 @@ EVAL_METRICS = ("loss", "top1", "top5")
 
 
 class Learner(keras.Model):
-  """Wraps `net` (a SimCLR model) and a task; owns the metric trackers."""
+  """Wraps `net` (a SimCLR model) and a task; owns the metric trackers.
+
+  Args:
+    net: the `SimCLR` network.
+    task: the stage's task (`simclr_tf.tasks`); None for a learner that
+      only evaluates (`test_step` is the same for every stage).
+    l2_variables: variables whose L2 term is added to the loss.
+    weight_decay: the L2 coefficient.
+    name: model name.
+    **kwargs: other `keras.Model` arguments.
+  """
 
   def __init__(self, net, task, l2_variables=(), weight_decay=0.0,
                name="learner", **kwargs):
@@ -27,8 +37,8 @@ class Learner(keras.Model):
     self.task = task
     self._l2_variables = list(l2_variables)
     self._weight_decay = float(weight_decay)
-    self.train_trackers = [keras.metrics.Mean(name=n)
-                           for n in task.metric_names + ("weight_decay",)]
+    names = task.metric_names + ("weight_decay",) if task is not None else ()
+    self.train_trackers = [keras.metrics.Mean(name=n) for n in names]
     self.eval_trackers = [keras.metrics.Mean(name=n) for n in EVAL_METRICS]
 
   @property
@@ -47,6 +57,8 @@ class Learner(keras.Model):
         [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in self._l2_variables])
 
   def train_step(self, data):
+    if self.task is None:
+      raise ValueError("Received: task=None; this learner only evaluates.")
     data = _unpack(data)
     variables = self.net.trainable_variables
     with tf.GradientTape() as tape:

@@ -59,8 +59,8 @@ def _config(task: str):
 
 def _global_batch(cfg):
   """The first global batch of the real input pipeline, as NumPy."""
-  from simclr_tf.data import datasets  # pylint: disable=g-import-not-at-top
-  ds = datasets.build_dataset(
+  from simclr_tf.data import pipeline  # pylint: disable=g-import-not-at-top
+  ds = pipeline.build_dataset(
       dataset=cfg.dataset, data_dir=cfg.data_dir, split=cfg.train_split,
       stage=cfg.train_mode, image_size=cfg.image_size,
       batch_size=cfg.train_batch_size, seed=cfg.seed, cache=False)

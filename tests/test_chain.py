@@ -14,7 +14,7 @@ import tensorflow as tf
 from simclr_tf import runner
 from simclr_tf import tasks
 from simclr_tf.config import Config, ConfigError
-from simclr_tf.data import datasets
+from simclr_tf.data import pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def chain(tmp_path_factory):
 def _evaluate_by_hand(export_dir: str) -> dict:
   """Loss, top-1 and top-5 of an export on the bundled test split."""
   loaded = tf.saved_model.load(export_dir)
-  ds = datasets.build_dataset(dataset=TINY.dataset, data_dir="",
+  ds = pipeline.build_dataset(dataset=TINY.dataset, data_dir="",
                               split=TINY.eval_split, stage="eval",
                               image_size=32, batch_size=50, cache=False)
   losses, top1, top5 = [], [], []

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from simclr_tf import checkpoints
 from simclr_tf import distribute
 from simclr_tf import runner
 from simclr_tf.config import Config
@@ -183,13 +184,13 @@ def test_chief_and_task_names(spec, task_type, task_id, chief, name):
 
 def test_scratch_dir_is_named_by_task_and_removed(tmp_path):
   strategy = _FakeStrategy(WORKERS, "worker", 1)
-  scratch = distribute.scratch_dir(str(tmp_path), strategy)
+  scratch = checkpoints.scratch_dir(str(tmp_path), strategy)
   assert scratch == str(tmp_path / ".worker_scratch" / "worker_1")
   os.makedirs(scratch)
   (tmp_path / ".worker_scratch" / "worker_1" / "ckpt-1.index").write_text("")
-  distribute.remove_scratch(scratch)
+  checkpoints.remove_scratch(scratch)
   assert not (tmp_path / ".worker_scratch").exists()
-  assert distribute.checkpoint_dir(str(tmp_path)) == str(
+  assert checkpoints.checkpoint_dir(str(tmp_path)) == str(
       tmp_path / "checkpoints")
 
 

@@ -159,11 +159,11 @@ def test_top_k_breaks_ties_by_class_index():
 def test_short_pretraining_on_real_images_lowers_the_contrastive_loss():
   """A few LARS steps on the bundled CIFAR-10 images, then the loss of a
   fixed batch of augmented pairs (not trained on) is lower than before."""
-  from simclr_tf.data import datasets
+  from simclr_tf.data import pipeline
   from simclr_tf.optim.lars import LARS
 
   def pairs(seed, batch, steps=None):
-    ds = datasets.build_dataset(
+    ds = pipeline.build_dataset(
         dataset="cifar10_sample", data_dir="", split="train",
         stage="pretrain", image_size=32, batch_size=batch, seed=seed,
         cache=False)
