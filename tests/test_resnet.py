@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_fresh
+from simclr_tf.models import blocks
 from simclr_tf.models import resnet as resnet_lib
 from simclr_tf.models.resnet import ResNet
 
@@ -225,7 +226,7 @@ def test_identity_blocks_start_as_identity():
   # Zero-initialised last gamma: a block without projection returns
   # relu(input) = input (inputs are post-ReLU) until it is trained.
   for bottleneck in (True, False):
-    block = resnet_lib.ResidualBlock(
+    block = blocks.ResidualBlock(
         16, bottleneck=bottleneck, sk_ratio=SK_RATIO, se_ratio=0.25,
         resnet_d=True)
     x = tf.nn.relu(tf.random.normal([2, 8, 8, block.out_filters]))
@@ -314,7 +315,7 @@ def test_mixed_bfloat16(mixed_bfloat16):
   assert np.all(np.isfinite(
       tf.cast(out["final_avg_pool"], tf.float32).numpy()))
   # A selective-kernel bottleneck (only deep ResNets have them).
-  block = resnet_lib.ResidualBlock(32, strides=2, bottleneck=True,
+  block = blocks.ResidualBlock(32, strides=2, bottleneck=True,
                                    use_projection=True, resnet_d=True,
                                    sk_ratio=SK_RATIO, se_ratio=0.25)
   y = block(tf.random.uniform([2, 9, 9, 64]), training=True)
@@ -325,7 +326,7 @@ def test_mixed_bfloat16(mixed_bfloat16):
 
 def test_gradients_reach_every_trainable_variable():
   model = ResNet(depth=18, sk_ratio=SK_RATIO, se_ratio=0.25)
-  block = resnet_lib.ResidualBlock(32, strides=2, bottleneck=True,
+  block = blocks.ResidualBlock(32, strides=2, bottleneck=True,
                                    use_projection=True, resnet_d=True,
                                    sk_ratio=SK_RATIO, se_ratio=0.25)
   images = tf.random.uniform([2, 64, 64, 3])
