@@ -235,7 +235,7 @@ def check_free_space(cfg: Config, learner) -> None:
         "space, lower --keep_checkpoint_max or choose another --model_dir.")
 
 
-# --- Saving during training ----------------------------------------------------
+# --- Saving during training -------------------------------------------------
 
 def _non_finite(variables) -> list:
   """Paths of the floating-point variables that hold a NaN or an Inf."""

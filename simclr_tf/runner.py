@@ -115,8 +115,8 @@ def make_plan(cfg: Config) -> Plan:
   try:
     # `config.validate` leaves --label_fraction at 1 in other stages.
     info = sources.get_info(cfg.dataset, cfg.data_dir, cfg.train_split,
-                             cfg.eval_split, strict=cfg.strict_data,
-                             label_fraction=cfg.label_fraction, seed=cfg.seed)
+                            cfg.eval_split, strict=cfg.strict_data,
+                            label_fraction=cfg.label_fraction, seed=cfg.seed)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from e
   init_meta = teacher_meta = None
@@ -305,9 +305,9 @@ def log_augmented_pairs(cfg: Config, log_dir: str) -> None:
   """Writes a few augmented pairs to TensorBoard (people want to see them)."""
   ds = pipeline.build_dataset(
       dataset=cfg.dataset, data_dir=cfg.data_dir, split=cfg.train_split,
-      stage="pretrain", image_size=cfg.image_size, batch_size=8, seed=cfg.seed,
-      color_jitter_strength=cfg.color_jitter_strength, use_blur=cfg.use_blur,
-      cache=False)
+      stage=cfg.train_mode, image_size=cfg.image_size, batch_size=8,
+      seed=cfg.seed, color_jitter_strength=cfg.color_jitter_strength,
+      use_blur=cfg.use_blur, cache=False)
   batch = next(iter(ds))
   cb.write_image_pairs(log_dir, batch["view1"], batch["view2"])
 

@@ -191,3 +191,22 @@ def test_short_pretraining_on_real_images_lowers_the_contrastive_loss():
   after = held_out_loss()
   print(f"held-out contrastive loss: {before:.4f} -> {after:.4f}")
   assert after < before - 0.05, (before, after)
+
+
+def test_a_learner_without_task_evaluates_but_does_not_train():
+  net = simclr_lib.build_model(ModelConfig(**SMALL), 32)
+  for v in net.sup_head.weights:
+    v.assign(np.random.default_rng(1).standard_normal(v.shape)
+             .astype("float32"))
+  learner = Learner(net, None)
+  learner.compile(optimizer=keras.optimizers.SGD(0.1))
+  batch = _batch()
+  ds = tf.data.Dataset.from_tensors(batch)
+  metrics = learner.evaluate(ds, return_dict=True, verbose=0)
+  logits = net(batch["image"])["logits_sup"]
+  want = tasks.top_k_correct(batch["label"], logits, 1).numpy().mean()
+  np.testing.assert_allclose(metrics["top1"], want, rtol=1e-6)
+  assert set(metrics) == {"loss", "top1", "top5"}
+  with pytest.raises(ValueError, match="only evaluates"):
+    learner.fit(ds.repeat(), steps_per_epoch=1, epochs=1, verbose=0,
+                shuffle=False)
