@@ -70,6 +70,32 @@ def run_fresh(path, function, *args, cpus=2, timeout=300):
   return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
+class _Spec:
+  def __init__(self, spec):
+    self.spec = spec
+
+  def as_dict(self):
+    return self.spec
+
+
+class _Resolver:
+  def __init__(self, spec, task_type, task_id):
+    self._spec, self.task_type, self.task_id = spec, task_type, task_id
+
+  def cluster_spec(self):
+    return _Spec(self._spec)
+
+
+class FakeStrategy:
+  """What `distribute` reads of a multi-worker strategy: its cluster."""
+
+  def __init__(self, spec, task_type, task_id):
+    self.cluster_resolver = _Resolver(spec, task_type, task_id)
+
+
+WORKERS = {"worker": ["a:1", "b:2"]}
+
+
 # Flags of a run small enough for a test: ResNet-18 at 32 px, a few steps.
 TINY_FLAGS = (
     "--resnet_depth=18", "--image_size=32", "--train_batch_size=16",

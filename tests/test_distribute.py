@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import checkpoints
 from simclr_tf import distribute
 from simclr_tf import runner
 from simclr_tf.config import Config
 from simclr_tf.models.batch_norm import BatchNormalization
 
-from conftest import ROOT, TINY_FLAGS, run_cli, run_fresh
+from conftest import (ROOT, TINY_FLAGS, WORKERS, FakeStrategy, run_cli,
+                      run_fresh)
 
 # Ops that run Python or need the host: a TPU step cannot contain them.
 HOST_ONLY_OPS = {"PyFunc", "EagerPyFunc", "PyFuncStateless", "PrintV2",
@@ -143,28 +143,6 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
   assert distribute._cpu_flags(str(tmp_path / "missing")) == set()
 
 
-class _Spec:
-  def __init__(self, spec):
-    self.spec = spec
-
-  def as_dict(self):
-    return self.spec
-
-
-class _Resolver:
-  def __init__(self, spec, task_type, task_id):
-    self._spec, self.task_type, self.task_id = spec, task_type, task_id
-
-  def cluster_spec(self):
-    return _Spec(self._spec)
-
-
-class _FakeStrategy:
-  def __init__(self, spec, task_type, task_id):
-    self.cluster_resolver = _Resolver(spec, task_type, task_id)
-
-
-WORKERS = {"worker": ["a:1", "b:2"]}
 WITH_CHIEF = {"chief": ["c:0"], "worker": ["a:1", "b:2"]}
 
 
@@ -177,21 +155,9 @@ WITH_CHIEF = {"chief": ["c:0"], "worker": ["a:1", "b:2"]}
     ({}, None, None, True, "chief"),
 ])
 def test_chief_and_task_names(spec, task_type, task_id, chief, name):
-  strategy = _FakeStrategy(spec, task_type, task_id)
+  strategy = FakeStrategy(spec, task_type, task_id)
   assert distribute.is_chief(strategy) == chief
   assert distribute.task_name(strategy) == name
-
-
-def test_scratch_dir_is_named_by_task_and_removed(tmp_path):
-  strategy = _FakeStrategy(WORKERS, "worker", 1)
-  scratch = checkpoints.scratch_dir(str(tmp_path), strategy)
-  assert scratch == str(tmp_path / ".worker_scratch" / "worker_1")
-  os.makedirs(scratch)
-  (tmp_path / ".worker_scratch" / "worker_1" / "ckpt-1.index").write_text("")
-  checkpoints.remove_scratch(scratch)
-  assert not (tmp_path / ".worker_scratch").exists()
-  assert checkpoints.checkpoint_dir(str(tmp_path)) == str(
-      tmp_path / "checkpoints")
 
 
 @pytest.mark.parametrize("pipelines, replicas, expected", [
