@@ -51,8 +51,6 @@ _HELP = {
                  "same command continues from the latest checkpoint.",
     "init_from": "A saved_model/ written by a previous stage; its encoder "
                  "and projection head initialise this run (checked).",
-    "checkpoint": "Reserved: start from a training checkpoint (use "
-                  "--init_from with an export instead).",
     "teacher": "Distillation teacher: a SavedModel with a 'logits_sup' "
                "output (e.g. a fine-tune export).",
     "seed": "Seed of the label subset, data order, augmentations and "
@@ -213,12 +211,13 @@ def main(argv):
   from simclr_tf import distribute  # pylint: disable=g-import-not-at-top
   distribute.split_cpu(cfg.cpu_replicas)
   from simclr_tf import callbacks  # pylint: disable=g-import-not-at-top
+  from simclr_tf import checkpoints  # pylint: disable=g-import-not-at-top
   from simclr_tf import runner  # pylint: disable=g-import-not-at-top
   try:
     result = runner.run(cfg)
   except config_lib.ConfigError as e:
     _fail(str(e))
-  except (callbacks.NonFiniteLossError, callbacks.CheckpointWriteError) as e:
+  except (callbacks.NonFiniteLossError, checkpoints.CheckpointWriteError) as e:
     _fail(str(e), EXIT_TRAINING_FAILED)
   print(runner.format_result(result))
   if result.get("preempted"):

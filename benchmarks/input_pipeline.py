@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from simclr_tf import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_tf.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_tf.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_tf.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def default_data_dir() -> str:
@@ -55,10 +56,10 @@ def measure(dataset: str, data_dir: str, image_size: int, batch_size: int,
     dict of the figures.
   """
   start = time.perf_counter()
-  info = datasets.get_info(dataset, data_dir, "train", "test")
+  info = sources.get_info(dataset, data_dir, "train", "test")
   list_s = time.perf_counter() - start
   start = time.perf_counter()
-  ds = datasets.build_dataset(
+  ds = pipeline.build_dataset(
       dataset=dataset, data_dir=data_dir, split="train", stage="pretrain",
       image_size=image_size, batch_size=batch_size,
       color_jitter_strength=jitter, use_blur=blur, cache=True)

@@ -43,7 +43,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from simclr_tf import knn  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_tf.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_tf.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # "12/12 - 45s - 4s/step - ..." : Keras' per-epoch line at verbose=2.
 EPOCH_LINE = re.compile(r"^(\d+)/(\d+) - (\d+)s - ")
@@ -133,7 +133,7 @@ def pretrain(args, data_dir: str, model_dir: str, memory_size: int,
 def features(export: str, data_dir: str, split: str, image_size: int):
   """'final_avg_pool' features and labels of a split (centre crop)."""
   model = tf.saved_model.load(export)
-  ds = datasets.build_dataset(dataset="image_folder", data_dir=data_dir,
+  ds = pipeline.build_dataset(dataset="image_folder", data_dir=data_dir,
                               split=split, stage="eval",
                               image_size=image_size, batch_size=250,
                               cache=False)

@@ -428,6 +428,7 @@ def tf_worker(config: dict, work_dir: str, data_dir: str, warmup: int,
   start = time.perf_counter()
   tf, cfg, plan = prepare(config, work_dir, data_dir)
   import keras  # pylint: disable=g-import-not-at-top
+  from simclr_tf import checkpoints  # pylint: disable=g-import-not-at-top
   from simclr_tf import distribute  # pylint: disable=g-import-not-at-top
   from simclr_tf import runner  # pylint: disable=g-import-not-at-top
   info = {"versions": _versions()}
@@ -457,7 +458,7 @@ def tf_worker(config: dict, work_dir: str, data_dir: str, warmup: int,
     learner.fit(data, epochs=1, steps_per_epoch=cfg.train_steps,
                 callbacks=[pacer], verbose=0)
   else:
-    manager = runner.checkpoint_manager(cfg, learner, True)
+    manager = checkpoints.make_manager(cfg, learner, True)
     real_fit = learner.fit
 
     def fit_with_pacer(*args, callbacks=(), **kwargs):
@@ -474,10 +475,10 @@ def pipeline_worker(config: dict, work_dir: str, data_dir: str, warmup: int,
   del work_dir
   _setup_tensorflow(config["knobs"])
   from simclr_tf import config as config_lib  # pylint: disable=g-import-not-at-top
-  from simclr_tf.data import datasets  # pylint: disable=g-import-not-at-top
+  from simclr_tf.data import pipeline  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   task = config["task"]
-  ds = datasets.build_dataset(
+  ds = pipeline.build_dataset(
       dataset=config_lib.IMAGE_FOLDER if data_dir else
       config_lib.BUNDLED_DATASET, data_dir=data_dir, split="train",
       stage=task, image_size=32, batch_size=config["batch"], seed=0,

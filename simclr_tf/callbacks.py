@@ -1,24 +1,19 @@
-"""Keras callbacks of the training loop: checkpoints, summaries, stopping."""
+"""Keras callbacks of the training loop: summaries, stopping, numerics.
+
+(Saving checkpoints is `simclr_tf.checkpoints.Checkpointer`.)
+"""
 
 from __future__ import annotations
 
-import logging
 import math
-import signal
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-log = logging.getLogger("simclr_tf")
-
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced NaN or Inf; raised before anything is overwritten."""
-
-
-class CheckpointWriteError(OSError):
-  """A checkpoint could not be written (disk full, permissions, ...)."""
 
 
 LIKELY_NAN_CAUSES = (
@@ -54,103 +49,6 @@ class CheckNumerics(keras.callbacks.Callback):
           f"Loss became {float(loss)} at step {_step(self.model)}. "
           f"{LIKELY_NAN_CAUSES} The last checkpoint and export were left "
           "untouched.")
-
-
-def _non_finite(variables) -> list:
-  """Paths of the floating-point variables that hold a NaN or an Inf."""
-  bad = []
-  for v in variables:
-    if not tf.as_dtype(v.dtype).is_floating:
-      continue
-    if not bool(tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v)))):
-      bad.append(getattr(v, "path", v.name))
-  return bad
-
-
-class Checkpointer(keras.callbacks.Callback):
-  """Saves a checkpoint at the end of every `fit` epoch (a chunk of steps).
-
-  Also saves when the process receives SIGTERM (preemption notice), then
-  stops training cleanly. Never saves a non-finite state: after a NaN or Inf
-  loss it saves nothing, and before each save it checks that every weight
-  and optimizer slot is finite (the step that makes the weights non-finite
-  can still report a finite loss), so the last checkpoint stays the last
-  good one.
-  """
-
-  def __init__(self, manager: tf.train.CheckpointManager, handle_sigterm=True):
-    super().__init__()
-    self.manager = manager
-    self._terminate = False
-    self._handle_sigterm = handle_sigterm
-    self._previous_handler = None
-    self._diverged = False
-
-  def _on_sigterm(self, signum, frame):
-    self._terminate = True
-
-  def on_train_begin(self, logs=None):
-    if self._handle_sigterm:
-      try:
-        self._previous_handler = signal.signal(signal.SIGTERM,
-                                               self._on_sigterm)
-      except ValueError:   # not the main thread
-        self._handle_sigterm = False
-
-  def _check_finite(self, step: int) -> None:
-    variables = list(self.model.weights) + list(
-        self.model.optimizer.variables)
-    bad = _non_finite(variables)
-    if bad:
-      self._diverged = True
-      raise NonFiniteLossError(
-          f"{len(bad)} weight(s) became NaN or Inf at step {step} (first: "
-          f"{bad[0]}); nothing was saved. {LIKELY_NAN_CAUSES} The last "
-          "checkpoint and export were left untouched.")
-
-  def save(self):
-    """Saves the current step, unless saved already; never a NaN state."""
-    step = _step(self.model)
-    if self._diverged:
-      log.warning("Not saving step %d: training diverged.", step)
-      return
-    if self.manager.latest_checkpoint and self.manager.latest_checkpoint \
-        .endswith(f"-{step}"):
-      return
-    self._check_finite(step)
-    try:
-      path = self.manager.save(checkpoint_number=step)
-    except (OSError, tf.errors.OpError) as e:
-      reason = getattr(e, "strerror", None) or getattr(e, "message", str(e))
-      raise CheckpointWriteError(
-          f"Could not write the checkpoint of step {step} to "
-          f"{self.manager.directory} ({reason.splitlines()[0]}); free space "
-          "in --model_dir (or make it writable) and rerun the same command "
-          "to continue from the last checkpoint.") from e
-    log.info("Saved checkpoint %s", path)
-
-  def on_train_batch_end(self, batch, logs=None):
-    loss = (logs or {}).get("loss")
-    if loss is not None and not math.isfinite(float(loss)):
-      self._diverged = True   # CheckNumerics raises; never save this state
-      return
-    if self._terminate:
-      log.warning("SIGTERM received: saving a checkpoint and stopping.")
-      self.save()
-      self.model.stop_training = True
-      self.model.preempted = True
-
-  def on_epoch_end(self, epoch, logs=None):
-    self.save()
-
-  def on_train_end(self, logs=None):
-    self.close()
-
-  def close(self):
-    """Gives SIGTERM back its previous handler (also after an exception)."""
-    if self._handle_sigterm and self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
 
 
 class Summaries(keras.callbacks.Callback):

@@ -13,8 +13,10 @@ import json
 import math
 from typing import Any, Optional
 
+from simclr_tf import stages
+
 MODES = ("train", "eval", "train_then_eval")
-TRAIN_MODES = ("pretrain", "finetune", "distill")
+TRAIN_MODES = tuple(stages.STAGES)
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 PROJ_HEAD_MODES = ("nonlinear", "linear", "none")
 OPTIMIZERS = ("lars", "momentum", "adam")
@@ -36,6 +38,12 @@ CIFAR_STEM_MAX_SIZE = 32
 
 class ConfigError(ValueError):
   """A flag value that cannot work; the message names flag, value and fix."""
+
+
+def num_proj_layers(proj_head_mode: str, num_layers: int) -> int:
+  """Layers of a whole projection head: 0 ('none'), 1 ('linear') or
+  `num_layers` ('nonlinear')."""
+  return {"none": 0, "linear": 1, "nonlinear": num_layers}[proj_head_mode]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +106,7 @@ class ModelConfig:
   @property
   def num_proj_outputs(self) -> int:
     """Projection layers the model computes (kept ones only)."""
-    if self.proj_head_mode == "none":
-      return 0
-    total = 1 if self.proj_head_mode == "linear" else self.num_proj_layers
+    total = num_proj_layers(self.proj_head_mode, self.num_proj_layers)
     if self.proj_layers_kept is None:
       return total
     return min(total, self.proj_layers_kept)
@@ -115,7 +121,6 @@ class Config:
   train_mode: str = "pretrain"
   model_dir: str = "/tmp/simclr_tf"
   init_from: str = ""
-  checkpoint: str = ""
   teacher: str = ""
   seed: int = 0
 
@@ -275,19 +280,22 @@ def validate(cfg: Config) -> Config:
         f"--image_size={cfg.image_size} is too small for the ImageNet stem "
         f"(used above {CIFAR_STEM_MAX_SIZE} px); use at most "
         f"{CIFAR_STEM_MAX_SIZE} or at least {MIN_IMAGE_SIZE_IMAGENET_STEM}.")
-  max_selector = _num_proj_layers_total(cfg)
+  max_selector = num_proj_layers(cfg.proj_head_mode, cfg.num_proj_layers)
   _check_range("ft_proj_selector", cfg.ft_proj_selector, 0, max_selector,
                fix=f"--proj_head_mode={cfg.proj_head_mode} with "
                f"--num_proj_layers={cfg.num_proj_layers} has "
                f"{max_selector} projection layer(s).")
-  if cfg.train_mode == "distill" and not cfg.teacher and cfg.mode != "eval":
+  stage = stages.get(cfg.train_mode)
+  if stage.teacher and not cfg.teacher and cfg.mode != "eval":
     raise ConfigError(
-        "--teacher is empty; --train_mode=distill needs --teacher=DIR, a "
-        "SavedModel with a 'logits_sup' output (e.g. a fine-tune export).")
-  if cfg.train_mode == "finetune" and cfg.teacher:
+        f"--teacher is empty; --train_mode={stage.name} needs --teacher=DIR, "
+        "a SavedModel with a 'logits_sup' output (e.g. a fine-tune export).")
+  unused = stages.unused_flags(stage, dataclasses.asdict(cfg))
+  if unused:
+    flag, value, users = unused[0]
     raise ConfigError(
-        f"--teacher={cfg.teacher!r} is only used by --train_mode=distill; "
-        "drop it or change --train_mode.")
+        f"--{flag}={value!r} is only used by --train_mode="
+        f"{' or '.join(users)}; drop it or change --train_mode.")
   if cfg.tpu and cfg.strategy not in ("auto", "tpu"):
     raise ConfigError(
         f"--tpu={cfg.tpu!r} needs --strategy=tpu or auto; received "
@@ -302,12 +310,6 @@ def validate(cfg: Config) -> Config:
         f"--train_batch_size={cfg.train_batch_size} does not split evenly "
         f"over --cpu_replicas={cfg.cpu_replicas}; use a multiple of it.")
   return cfg
-
-
-def _num_proj_layers_total(cfg: Config) -> int:
-  if cfg.proj_head_mode == "none":
-    return 0
-  return 1 if cfg.proj_head_mode == "linear" else cfg.num_proj_layers
 
 
 def model_config(cfg: Config, num_classes: int,
@@ -340,7 +342,7 @@ def model_config(cfg: Config, num_classes: int,
   else:
     base = dataclasses.replace(base, batch_norm_decay=cfg.batch_norm_decay,
                                global_bn=cfg.global_bn)
-  if cfg.train_mode == "pretrain":
+  if stages.get(cfg.train_mode).whole_proj_head:
     with_head = cfg.lineareval_while_pretraining and num_classes > 0
     return dataclasses.replace(
         base, proj_layers_kept=None,

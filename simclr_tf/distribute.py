@@ -11,24 +11,19 @@
 
 Only the chief (see `is_chief`) writes checkpoints, exports, summaries and
 result files; the other workers of a multi-worker run save their
-checkpoints to a scratch folder (`scratch_dir`) that is deleted at the end.
+checkpoints to a scratch folder (`simclr_tf.checkpoints.scratch_dir`) that
+is deleted at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
 from simclr_tf.config import ConfigError
-
-# Folder of model_dir where non-chief workers write (and then delete) the
-# checkpoints that every worker must save in a multi-worker run.
-SCRATCH_DIR = ".worker_scratch"
-
 
 def split_cpu(num_replicas: int) -> None:
   """Splits the CPU into `num_replicas` logical devices.
@@ -200,28 +195,6 @@ def task_name(strategy: tf.distribute.Strategy) -> str:
   return f"{task_type}_{task_id}"
 
 
-def checkpoint_dir(model_dir: str) -> str:
-  """Where the chief writes checkpoints, and where every worker resumes."""
-  return os.path.join(model_dir, "checkpoints")
-
-
-def scratch_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
-  """The folder a non-chief worker saves its (discarded) checkpoints to.
-
-  Every worker of a multi-worker run must take part in a checkpoint save
-  (variables that synchronise on read are all-reduced while saving); the
-  non-chief ones write to model_dir/.worker_scratch/<task>, removed at the
-  end of the run (`runner.run`).
-
-  Args:
-    model_dir: the run's --model_dir.
-    strategy: the run's strategy.
-  Returns:
-    The folder's path.
-  """
-  return os.path.join(model_dir, SCRATCH_DIR, task_name(strategy))
-
-
 def replicas_per_pipeline(input_context) -> int:
   """Replicas fed by one input pipeline (one worker, one TPU host).
 
@@ -238,22 +211,6 @@ def replicas_per_pipeline(input_context) -> int:
     return 1
   return max(1, input_context.num_replicas_in_sync //
              max(1, input_context.num_input_pipelines))
-
-
-def remove_scratch(directory: str) -> None:
-  """Deletes a non-chief worker's scratch folder (and SCRATCH_DIR if empty).
-
-  Args:
-    directory: the folder `scratch_dir` returned.
-  """
-  if tf.io.gfile.isdir(directory):
-    tf.io.gfile.rmtree(directory)
-  parent = os.path.dirname(directory)
-  if os.path.basename(parent) == SCRATCH_DIR and os.path.isdir(parent):
-    try:
-      os.rmdir(parent)   # only if empty: other workers may still use it
-    except OSError:
-      pass
 
 
 def num_workers(strategy: tf.distribute.Strategy) -> int:

@@ -18,7 +18,17 @@ EVAL_METRICS = ("loss", "top1", "top5")
 
 
 class Learner(keras.Model):
-  """Wraps `net` (a SimCLR model) and a task; owns the metric trackers."""
+  """Wraps `net` (a SimCLR model) and a task; owns the metric trackers.
+
+  Args:
+    net: the `SimCLR` network.
+    task: the stage's task (`simclr_tf.tasks`); None for a learner that
+      only evaluates (`test_step` is the same for every stage).
+    l2_variables: variables whose L2 term is added to the loss.
+    weight_decay: the L2 coefficient.
+    name: model name.
+    **kwargs: other `keras.Model` arguments.
+  """
 
   def __init__(self, net, task, l2_variables=(), weight_decay=0.0,
                name="learner", **kwargs):
@@ -27,8 +37,8 @@ class Learner(keras.Model):
     self.task = task
     self._l2_variables = list(l2_variables)
     self._weight_decay = float(weight_decay)
-    self.train_trackers = [keras.metrics.Mean(name=n)
-                           for n in task.metric_names + ("weight_decay",)]
+    names = task.metric_names + ("weight_decay",) if task is not None else ()
+    self.train_trackers = [keras.metrics.Mean(name=n) for n in names]
     self.eval_trackers = [keras.metrics.Mean(name=n) for n in EVAL_METRICS]
 
   @property
@@ -47,6 +57,8 @@ class Learner(keras.Model):
         [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in self._l2_variables])
 
   def train_step(self, data):
+    if self.task is None:
+      raise ValueError("Received: task=None; this learner only evaluates.")
     data = _unpack(data)
     variables = self.net.trainable_variables
     with tf.GradientTape() as tape:
@@ -64,15 +76,10 @@ class Learner(keras.Model):
 
   def test_step(self, data):
     data = _unpack(data)
-    labels = data["label"]
     logits = self.net(data["image"], training=False)["logits_sup"]
-    labeled = labels >= 0
-    safe = tf.maximum(labels, 0)
-    values = {
-        "loss": (tasks_lib.losses.supervised_loss(labels, logits), labeled),
-        "top1": (tasks_lib.top_k_correct(safe, logits, 1), labeled),
-        "top5": (tasks_lib.top_k_correct(safe, logits, 5), labeled),
-    }
+    values = tasks_lib.classification_metrics(
+        data["label"], logits, loss_name="loss",
+        top_k_names=((1, "top1"), (5, "top5")))
     return self._update(self.eval_trackers, values)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):

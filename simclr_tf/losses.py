@@ -1,7 +1,7 @@
 """Losses of SimCLR / SimCLRv2, per example and in float32.
 
 Every loss returns one value per local example; the caller reduces them over
-the GLOBAL batch (`tf.reduce_sum(loss) / global_batch_size`) so that the
+the GLOBAL batch (`tf.reduce_sum(loss) / B_global`) so that the
 gradients summed over replicas by the optimizer are those of the global mean.
 """
 
@@ -23,12 +23,10 @@ class NTXentOutput(NamedTuple):
     logits_ab: [B_local, B_global] float32, view-1 vs view-2 logits (the
       positives are at `labels`); input of `contrastive_metrics`.
     labels: [B_local] int32, global index of each example's positive.
-    global_batch_size: scalar int32, B_global (B_local x replicas).
   """
   loss: tf.Tensor
   logits_ab: tf.Tensor
   labels: tf.Tensor
-  global_batch_size: tf.Tensor
 
 
 def _gather_global(replica_context, tensors):
@@ -89,7 +87,7 @@ def nt_xent(z1: tf.Tensor,
       no key yet; those columns are removed from the softmax.
   Returns:
     An `NTXentOutput` (loss [B_local], logits_ab [B_local, B_global], labels
-    [B_local] int32, global_batch_size scalar int32).
+    [B_local] int32).
   """
   z1 = tf.cast(z1, tf.float32)
   z2 = tf.cast(z2, tf.float32)
@@ -136,7 +134,7 @@ def nt_xent(z1: tf.Tensor,
   loss_b = tf.nn.sparse_softmax_cross_entropy_with_logits(
       labels=labels, logits=tf.concat(logits_b, axis=1))
   return NTXentOutput(loss=loss_a + loss_b, logits_ab=logits_ab,
-                      labels=labels, global_batch_size=global_batch)
+                      labels=labels)
 
 
 def contrastive_metrics(logits_ab: tf.Tensor,

@@ -42,6 +42,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from simclr_tf.checkpoints import VariablesByPath
 from simclr_tf.config import ModelConfig
 from simclr_tf.models.simclr import SimCLR
 
@@ -64,18 +65,6 @@ def relative_path(variable, model: keras.Model) -> str:
   if path.startswith(prefix):
     return path[len(prefix):]
   return path.split("/", 1)[-1]
-
-
-class _VariablesByPath(tf.Module):
-  """Checkpoint dependencies on variables, named by their paths.
-
-  Args:
-    variables: {path: variable}.
-  """
-
-  def __init__(self, variables: dict):
-    super().__init__(name="variables_by_path")
-    self.by_path = dict(variables)
 
 
 class Memory(keras.layers.Layer):
@@ -148,7 +137,7 @@ class Memory(keras.layers.Layer):
     # groups, the projection layers) checkpoint dependencies, so
     # `tf.train.Checkpoint` would miss most memory weights; this tf.Module
     # names every one of them by its path instead.
-    self.memory_net_weights = _VariablesByPath(
+    self.memory_net_weights = VariablesByPath(
         {relative_path(v, self.memory_net): v
          for v in self.memory_net.variables})
     # The queue: [K, D] keys, the next slot to write and how many slots hold

@@ -1,8 +1,9 @@
 """Runs one stage end to end: data, model, training, evaluation, export.
 
 Pretraining, fine-tuning and distillation share everything here; they differ
-only in the model's wiring (`config.model_config`) and the task
-(`simclr_tf.tasks`).
+only in the model's wiring (`config.model_config`), the task
+(`simclr_tf.tasks`) and the fields of their `simclr_tf.stages.Stage`.
+Checkpoints and resuming are `simclr_tf.checkpoints`.
 """
 
 from __future__ import annotations
@@ -12,22 +13,22 @@ import json
 import logging
 import math
 import os
-import shutil
 import socket
 import sys
 import time
 from typing import Optional
 
 import keras
-import numpy as np
-import tensorflow as tf
 
 from simclr_tf import callbacks as cb
+from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
 from simclr_tf import distribute
+from simclr_tf import stages
 from simclr_tf import tasks as tasks_lib
 from simclr_tf.config import Config, ConfigError, ModelConfig
-from simclr_tf.data import datasets
+from simclr_tf.data import pipeline
+from simclr_tf.data import sources
 from simclr_tf.learner import Learner
 from simclr_tf.memory import Memory
 from simclr_tf.models import simclr as simclr_lib
@@ -50,7 +51,7 @@ ARCH_FLAGS = ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio",
 class Plan:
   """Everything decided before any model is built."""
 
-  info: datasets.DatasetInfo
+  info: sources.DatasetInfo
   model_config: ModelConfig
   num_train_examples: int
   total_steps: int
@@ -110,11 +111,12 @@ def _check_arch(cfg: Config, meta, flag: str) -> None:
 
 def make_plan(cfg: Config) -> Plan:
   """Opens data and exports; raises ConfigError for any bad combination."""
+  stage = stages.get(cfg.train_mode)
   try:
-    fraction = cfg.label_fraction if cfg.train_mode == "finetune" else 1.0
-    info = datasets.get_info(cfg.dataset, cfg.data_dir, cfg.train_split,
-                             cfg.eval_split, strict=cfg.strict_data,
-                             label_fraction=fraction, seed=cfg.seed)
+    # `config.validate` leaves --label_fraction at 1 in other stages.
+    info = sources.get_info(cfg.dataset, cfg.data_dir, cfg.train_split,
+                            cfg.eval_split, strict=cfg.strict_data,
+                            label_fraction=cfg.label_fraction, seed=cfg.seed)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from e
   init_meta = teacher_meta = None
@@ -122,7 +124,7 @@ def make_plan(cfg: Config) -> Plan:
     if cfg.init_from:
       init_meta = load_lib.read_meta(cfg.init_from, "init_from")
       _check_arch(cfg, init_meta, "init_from")
-    if cfg.train_mode == "distill" and cfg.mode != "eval":
+    if stage.teacher and cfg.mode != "eval":
       teacher_meta = load_lib.read_meta(cfg.teacher, "teacher")
       if not teacher_meta.model_config.num_classes:
         raise ConfigError(
@@ -140,10 +142,10 @@ def make_plan(cfg: Config) -> Plan:
           f"--dataset={cfg.dataset} has {num_classes}; distill on the data "
           "the teacher was fine-tuned for.")
     num_classes = t_classes
-  if cfg.train_mode == "finetune" and not num_classes:
+  if stage.needs_labels and not num_classes:
     raise ConfigError(
         f"--dataset={cfg.dataset} has no labels (no class folders); "
-        "--train_mode=finetune needs labeled data.")
+        f"--train_mode={stage.name} needs labeled data.")
   model_config = config_lib.model_config(cfg, num_classes)
 
   num_train = info.num_train_examples
@@ -203,8 +205,8 @@ def build_net(cfg: Config, plan: Plan, init=None) -> simclr_lib.SimCLR:
     simclr_lib.copy_weights(source, net)
     log.info("Restored %d weights from %s; new: %s", len(report.restored),
              cfg.init_from, list(report.missing) or "none")
-  simclr_lib.freeze_before_block(net, cfg.fine_tune_after_block
-                                 if cfg.train_mode != "pretrain" else -1)
+  # `config.validate` leaves it at -1 in a stage that does not freeze.
+  simclr_lib.freeze_before_block(net, cfg.fine_tune_after_block)
   return net
 
 
@@ -229,7 +231,8 @@ def build_optimizer(cfg: Config, plan: Plan, net):
 
 
 def make_teacher(cfg: Config):
-  if cfg.train_mode != "distill" or cfg.mode == "eval":
+  """The --teacher's frozen logits function, or None (no teacher, or eval)."""
+  if not stages.get(cfg.train_mode).teacher or cfg.mode == "eval":
     return None
   logits_fn, _ = load_lib.load_logits_fn(cfg.teacher, "teacher")
   return logits_fn
@@ -240,20 +243,22 @@ def build_learner(cfg: Config, plan: Plan, exports=None):
   init, teacher = exports if exports is not None else load_exports(cfg, plan)
   net = build_net(cfg, plan, init)
   opt, schedule, groups = build_optimizer(cfg, plan, net)
-  memory = None
-  if (cfg.memory_size > 0 and cfg.train_mode == "pretrain" and
-      cfg.mode != "eval"):
-    # SimCLRv2's memory starts as a copy of the (possibly --init_from) net;
-    # a checkpoint restore then overwrites it with the saved one.
-    memory = Memory(plan.model_config, cfg.image_size, cfg.memory_size,
-                    cfg.memory_momentum)
-    memory.initialize_from(net)
-  # --mode=eval only runs test_step, which is the same for every stage.
-  task = tasks_lib.make_task(
-      cfg.train_mode if cfg.mode != "eval" else "finetune", temperature=cfg.temperature, hidden_norm=cfg.hidden_norm,
-      distill_temperature=cfg.distill_temperature,
-      distill_label_weight=cfg.distill_label_weight, teacher=teacher,
-      memory=memory)
+  task = None    # --mode=eval only runs test_step, the same for every stage
+  if cfg.mode != "eval":
+    memory = None
+    # `config.validate` leaves --memory_size at 0 in other stages.
+    if cfg.memory_size > 0:
+      # SimCLRv2's memory starts as a copy of the (possibly --init_from)
+      # net; a checkpoint restore then overwrites it with the saved one.
+      memory = Memory(plan.model_config, cfg.image_size, cfg.memory_size,
+                      cfg.memory_momentum)
+      memory.initialize_from(net)
+    task = tasks_lib.make_task(
+        cfg.train_mode, temperature=cfg.temperature,
+        hidden_norm=cfg.hidden_norm,
+        distill_temperature=cfg.distill_temperature,
+        distill_label_weight=cfg.distill_label_weight, teacher=teacher,
+        memory=memory)
   learner = Learner(net, task, l2_variables=groups.loss_l2,
                     weight_decay=cfg.weight_decay)
   learner.compile(optimizer=opt, jit_compile=cfg.jit_compile,
@@ -265,18 +270,19 @@ def build_learner(cfg: Config, plan: Plan, exports=None):
 # --- Data --------------------------------------------------------------------
 
 def train_dataset(cfg: Config, plan: Plan, strategy, start_step: int):
+  """The distributed training stream, resumed at `start_step`."""
   stage = cfg.train_mode
+  subset = (os.path.join(cfg.model_dir, "label_subset.txt")
+            if cfg.label_fraction < 1.0 else None)
 
   def fn(ctx):
-    return datasets.build_dataset(
+    return pipeline.build_dataset(
         dataset=cfg.dataset, data_dir=cfg.data_dir, split=cfg.train_split,
         stage=stage, image_size=cfg.image_size,
         batch_size=ctx.get_per_replica_batch_size(cfg.train_batch_size),
         seed=cfg.seed, color_jitter_strength=cfg.color_jitter_strength,
         use_blur=cfg.use_blur, cache=cfg.cache_dataset,
-        label_fraction=cfg.label_fraction if stage == "finetune" else 1.0,
-        subset_file=os.path.join(cfg.model_dir, "label_subset.txt")
-        if stage == "finetune" and cfg.label_fraction < 1.0 else None,
+        label_fraction=cfg.label_fraction, subset_file=subset,
         input_context=ctx, strict=cfg.strict_data,
         # Each step takes one batch per local replica from this pipeline.
         start_step=start_step * distribute.replicas_per_pipeline(ctx))
@@ -286,7 +292,7 @@ def train_dataset(cfg: Config, plan: Plan, strategy, start_step: int):
 
 def eval_dataset(cfg: Config, strategy):
   def fn(ctx):
-    return datasets.build_dataset(
+    return pipeline.build_dataset(
         dataset=cfg.dataset, data_dir=cfg.data_dir, split=cfg.eval_split,
         stage="eval", image_size=cfg.image_size,
         batch_size=ctx.get_per_replica_batch_size(cfg.eval_batch_size),
@@ -297,150 +303,34 @@ def eval_dataset(cfg: Config, strategy):
 
 def log_augmented_pairs(cfg: Config, log_dir: str) -> None:
   """Writes a few augmented pairs to TensorBoard (people want to see them)."""
-  ds = datasets.build_dataset(
+  ds = pipeline.build_dataset(
       dataset=cfg.dataset, data_dir=cfg.data_dir, split=cfg.train_split,
-      stage="pretrain", image_size=cfg.image_size, batch_size=8, seed=cfg.seed,
-      color_jitter_strength=cfg.color_jitter_strength, use_blur=cfg.use_blur,
-      cache=False)
+      stage=cfg.train_mode, image_size=cfg.image_size, batch_size=8,
+      seed=cfg.seed, color_jitter_strength=cfg.color_jitter_strength,
+      use_blur=cfg.use_blur, cache=False)
   batch = next(iter(ds))
   cb.write_image_pairs(log_dir, batch["view1"], batch["view2"])
 
 
 # --- Training, evaluation, export -------------------------------------------
 
-class _WeightsByPath(tf.Module):
-  """Checkpoint dependencies on every variable of a model, by its path.
-
-  Keras 3 does not make layers kept in Python lists (the block groups, the
-  projection layers) checkpoint dependencies of the model, so without this
-  `tf.train.Checkpoint(model=net)` would save only the trainable weights (via
-  the optimizer) and lose every batch-norm moving average on resume.
-  """
-
-  def __init__(self, model: keras.Model):
-    super().__init__(name="weights_by_path")
-    self.by_path = dict(simclr_lib.variables_by_path(model))
-
-
-def checkpoint_manager(cfg: Config, learner: Learner, chief: bool,
-                       strategy=None):
-  extra = {}
-  if getattr(learner.task, "memory", None) is not None:
-    extra["memory"] = learner.task.memory    # queue, pointer, memory net
-  ckpt = tf.train.Checkpoint(model=learner.net, optimizer=learner.optimizer,
-                             net_weights=_WeightsByPath(learner.net), **extra)
-  directory = distribute.checkpoint_dir(cfg.model_dir)
-  if not chief:   # other workers write to a scratch folder, then discard it
-    directory = distribute.scratch_dir(cfg.model_dir, strategy)
-  return tf.train.CheckpointManager(ckpt, directory,
-                                    max_to_keep=cfg.keep_checkpoint_max)
-
-
-def resume_manager(cfg: Config, manager, chief: bool):
-  """The checkpoints to resume from: the chief's, on every worker.
-
-  A non-chief worker saves to its scratch folder, so it reads the chief's
-  model_dir/checkpoints instead (a multi-worker model_dir must be shared).
-  """
-  if chief:
-    return manager
-  return tf.train.CheckpointManager(
-      manager.checkpoint, distribute.checkpoint_dir(cfg.model_dir),
-      max_to_keep=cfg.keep_checkpoint_max)
-
-
-def _remove_killed_saves(directory: str) -> None:
-  """Deletes the temporary files of saves killed before they completed."""
-  for leftover in tf.io.gfile.glob(os.path.join(directory, "*_temp*")):
-    if tf.io.gfile.isdir(leftover):
-      tf.io.gfile.rmtree(leftover)
-    else:
-      tf.io.gfile.remove(leftover)
-
-
-def restore_latest(manager: tf.train.CheckpointManager,
-                   clean: bool = True) -> Optional[str]:
-  """Restores the newest checkpoint that reads back; None if there is none.
-
-  A kill during a save cannot damage the checkpoints listed in the index
-  (TensorFlow writes the files first, then replaces the index), but a disk
-  error can; then the previous checkpoint is used, with a warning.
-
-  Args:
-    manager: the manager of the checkpoints to resume from.
-    clean: delete the files of saves that were killed before completing
-      (only the process that writes the checkpoints should).
-  Returns:
-    The restored checkpoint's path, or None.
-  Raises:
-    ConfigError: there are checkpoints but none can be restored.
-  """
-  if clean:
-    _remove_killed_saves(manager.directory)
-  candidates = list(reversed(manager.checkpoints)) or (
-      [manager.latest_checkpoint] if manager.latest_checkpoint else [])
-  errors = []
-  for path in candidates:
-    try:
-      manager.checkpoint.restore(path).assert_existing_objects_matched()
-      return path
-    except Exception as e:  # pylint: disable=broad-except
-      # Damaged files fail in many ways (OpError, IndexError, ...).
-      errors.append(str(e).strip().splitlines()[0][:200])
-      log.warning("Cannot restore %s (%s); trying an older checkpoint.",
-                  path, errors[-1])
-  if candidates:
-    raise ConfigError(
-        f"--model_dir={os.path.dirname(manager.directory)!r} has "
-        f"{len(candidates)} checkpoint(s) but none can be restored (newest: "
-        f"{errors[0]}); they were written with other architecture flags or "
-        "are damaged: rerun with the flags that wrote them, or choose a new "
-        "--model_dir.")
-  return None
-
-
-def _num_bytes(variables) -> int:
-  return sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size
-             for v in variables)
-
-
-def _folder_bytes(folder: str) -> int:
-  return sum(os.path.getsize(os.path.join(d, f))
-             for d, _, files in os.walk(folder) for f in files)
-
-
-def check_free_space(cfg: Config, learner: Learner) -> None:
-  """Fails now, not hours later, when model_dir cannot hold the outputs.
-
-  The outputs are --keep_checkpoint_max checkpoints plus the one being
-  written (weights and optimizer slots each) and an export (weights);
-  checkpoints already in model_dir count as written.
-  """
-  weights = _num_bytes(learner.net.variables)
-  ckpt = weights + _num_bytes(learner.optimizer.variables)
-  written = _folder_bytes(os.path.join(cfg.model_dir, "checkpoints"))
-  need = (cfg.keep_checkpoint_max + 1) * ckpt + weights - written
-  free = shutil.disk_usage(cfg.model_dir).free
-  if free < need:
-    raise ConfigError(
-        f"--model_dir={cfg.model_dir!r} has {free / 1e6:.0f} MB free but "
-        f"--keep_checkpoint_max={cfg.keep_checkpoint_max} checkpoints and the "
-        f"export of this model need about {need / 1e6:.0f} MB more; free some "
-        "space, lower --keep_checkpoint_max or choose another --model_dir.")
-
-
 def train(cfg: Config, plan: Plan, strategy, learner, schedule, manager,
-          chief: bool) -> int:
-  """Trains until plan.total_steps, resuming from the latest checkpoint."""
+          chief: bool) -> tuple[int, bool]:
+  """Trains until plan.total_steps, from the step the learner is at.
+
+  Returns:
+    (the step reached, whether SIGTERM stopped training first).
+  """
   step = int(learner.optimizer.iterations.numpy())
   if step >= plan.total_steps:
     log.info("Already trained %d/%d steps; nothing to do.", step,
              plan.total_steps)
-    return step
-  if cfg.train_mode == "pretrain" and cfg.log_images and chief and step == 0:
+    return step, False
+  two_views = stages.get(cfg.train_mode).two_views
+  if two_views and cfg.log_images and chief and step == 0:
     log_augmented_pairs(cfg, os.path.join(cfg.model_dir, "train"))
   data = train_dataset(cfg, plan, strategy, start_step=step)
-  checkpointer = cb.Checkpointer(manager)
+  checkpointer = checkpoints.Checkpointer(manager)
   callbacks = [
       cb.CheckNumerics(),
       cb.StopAtStep(plan.total_steps),
@@ -458,8 +348,8 @@ def train(cfg: Config, plan: Plan, strategy, learner, schedule, manager,
   finally:
     checkpointer.close()
     if not chief:
-      distribute.remove_scratch(manager.directory)
-  return int(learner.optimizer.iterations.numpy())
+      checkpoints.remove_scratch(manager.directory)
+  return int(learner.optimizer.iterations.numpy()), checkpointer.preempted
 
 
 def evaluate(cfg: Config, strategy, learner, step: int, chief: bool) -> dict:
@@ -518,9 +408,8 @@ def run(cfg: Config) -> dict:
   with strategy.scope():
     learner, schedule = build_learner(cfg, plan, exports)
   if cfg.mode != "eval" and chief:
-    check_free_space(cfg, learner)
-  manager = checkpoint_manager(cfg, learner, chief, strategy)
-  restored = restore_latest(resume_manager(cfg, manager, chief), clean=chief)
+    checkpoints.check_free_space(cfg, learner)
+  manager, restored = checkpoints.resume(cfg, learner, chief, strategy)
   if restored:
     log.info("Resumed from %s", restored)
   elif cfg.mode == "eval" and plan.init_meta is None:
@@ -531,12 +420,13 @@ def run(cfg: Config) -> dict:
   distribute.check_same_step(strategy, step)
   start = time.time()
   if cfg.mode in ("train", "train_then_eval"):
-    step = train(cfg, plan, strategy, learner, schedule, manager, chief)
+    step, preempted = train(cfg, plan, strategy, learner, schedule, manager,
+                            chief)
     if distribute.num_workers(strategy) > 1:   # all workers must agree
       log.info("Weights digest of %s at step %d: %s",
                distribute.task_name(strategy), step,
                distribute.weights_digest(learner.net))
-    if getattr(learner, "preempted", False):
+    if preempted:
       log.warning("Stopped by SIGTERM at step %d; rerun to continue.", step)
       return {"global_step": step, "preempted": True}
   result = {"global_step": step, "train_seconds": time.time() - start}

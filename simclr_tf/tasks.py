@@ -58,13 +58,25 @@ def top_k_correct(labels, logits, k):
   return tf.cast(rank < k, tf.float32)
 
 
-def classification_metrics(labels, logits, prefix="sup"):
+def classification_metrics(labels, logits, loss_name="sup_loss",
+                           top_k_names=((1, "sup_acc"),)):
+  """Per-example cross entropy and top-k hits, over the labeled examples.
+
+  Args:
+    labels: [B] int labels, negative for unlabeled examples.
+    logits: [B, C] logits.
+    loss_name: key of the cross entropy.
+    top_k_names: (k, key) pairs of the top-k hits to measure.
+  Returns:
+    {name: ([B] per-example values, [B] bool labeled mask)}, what the
+    learner's metric trackers take.
+  """
   labeled = labels >= 0
   safe = tf.maximum(labels, 0)
-  return {
-      f"{prefix}_loss": (losses.supervised_loss(labels, logits), labeled),
-      f"{prefix}_acc": (top_k_correct(safe, logits, 1), labeled),
-  }
+  metrics = {loss_name: (losses.supervised_loss(labels, logits), labeled)}
+  for k, name in top_k_names:
+    metrics[name] = (top_k_correct(safe, logits, k), labeled)
+  return metrics
 
 
 class Pretrain:

@@ -1,23 +1,99 @@
-"""Shared test harness: quiet TensorFlow, tiny configs, a CLI runner."""
+"""Shared test harness: quiet TensorFlow, tiny configs, a CLI runner, and a
+fresh process with the CPU split into logical devices."""
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
 SHARED_CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10")
+RESULT_PREFIX = "FRESH_PROCESS_RESULT "
+
+
+def _env(extra=None) -> dict:
+  path = os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")])
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=path,
+              **(extra or {}))
 
 
 def run_cli(*args, timeout=600, env=None, cwd=ROOT):
   """Runs `python run.py ARGS` and returns the CompletedProcess."""
-  full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
   return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"),
                          *args], capture_output=True, text=True,
-                        timeout=timeout, env=full_env, cwd=cwd)
+                        timeout=timeout, env=_env(env), cwd=cwd)
+
+
+_FRESH = textwrap.dedent("""
+    import importlib.util, json, sys
+    from simclr_tf import distribute
+    distribute.split_cpu({cpus})   # before TensorFlow initialises
+    spec = importlib.util.spec_from_file_location("fresh_worker", {path!r})
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = getattr(module, {function!r})(*sys.argv[1:])
+    print({prefix!r} + json.dumps(result))
+""")
+
+
+def run_fresh(path, function, *args, cpus=2, timeout=300):
+  """Calls `function(*args)` of the module file `path` in a fresh process.
+
+  The process splits its CPU into `cpus` logical devices before TensorFlow
+  initialises (what a mirrored strategy over CPUs needs, and what cannot be
+  done inside the pytest process), so `function` can build
+  `MirroredStrategy(["/cpu:0", "/cpu:1"])`.
+
+  Args:
+    path: a test module (loaded under another name: its tests do not run).
+    function: name of a function of it returning something JSON can write.
+    *args: string arguments of the function.
+    cpus: logical CPU devices (<= 1: the CPU left whole).
+    timeout: seconds.
+  Returns:
+    What the function returned, read back from JSON.
+  """
+  code = _FRESH.format(cpus=int(cpus), path=os.path.abspath(path),
+                       function=function, prefix=RESULT_PREFIX)
+  proc = subprocess.run([sys.executable, "-c", code, *map(str, args)],
+                        capture_output=True, text=True, timeout=timeout,
+                        env=_env(), cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+  assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+  return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+class _Spec:
+  def __init__(self, spec):
+    self.spec = spec
+
+  def as_dict(self):
+    return self.spec
+
+
+class _Resolver:
+  def __init__(self, spec, task_type, task_id):
+    self._spec, self.task_type, self.task_id = spec, task_type, task_id
+
+  def cluster_spec(self):
+    return _Spec(self._spec)
+
+
+class FakeStrategy:
+  """What `distribute` reads of a multi-worker strategy: its cluster."""
+
+  def __init__(self, spec, task_type, task_id):
+    self.cluster_resolver = _Resolver(spec, task_type, task_id)
+
+
+WORKERS = {"worker": ["a:1", "b:2"]}
 
 
 # Flags of a run small enough for a test: ResNet-18 at 32 px, a few steps.

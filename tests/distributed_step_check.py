@@ -1,7 +1,8 @@
 r"""One training step on 1 device vs. mirrored over 2 logical CPUs.
 
-Run by `tests/test_distribute.py` in a subprocess, because the CPU must be
-split into logical devices before TensorFlow initialises:
+Run by `tests/test_distribute.py` through `conftest.run_fresh` (a fresh
+process, because the CPU must be split into logical devices before
+TensorFlow initialises), or by hand:
 
   python tests/distributed_step_check.py --tasks=pretrain,finetune OUT.json
 
@@ -58,8 +59,8 @@ def _config(task: str):
 
 def _global_batch(cfg):
   """The first global batch of the real input pipeline, as NumPy."""
-  from simclr_tf.data import datasets  # pylint: disable=g-import-not-at-top
-  ds = datasets.build_dataset(
+  from simclr_tf.data import pipeline  # pylint: disable=g-import-not-at-top
+  ds = pipeline.build_dataset(
       dataset=cfg.dataset, data_dir=cfg.data_dir, split=cfg.train_split,
       stage=cfg.train_mode, image_size=cfg.image_size,
       batch_size=cfg.train_batch_size, seed=cfg.seed, cache=False)
@@ -182,14 +183,19 @@ def compare(task: str, mirrored_strategy) -> dict:
   }
 
 
+def check(tasks: str = "pretrain,finetune") -> list:
+  """`compare` for each comma-separated task, on an already split CPU."""
+  mirrored = distribute.make_strategy("mirrored", cpu_replicas=NUM_REPLICAS)
+  return [compare(task, mirrored) for task in tasks.split(",")]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("out", help="JSON file to write the results to.")
   parser.add_argument("--tasks", default="pretrain,finetune")
   args = parser.parse_args()
   distribute.split_cpu(NUM_REPLICAS)   # before any TensorFlow op
-  mirrored = distribute.make_strategy("mirrored", cpu_replicas=NUM_REPLICAS)
-  results = [compare(task, mirrored) for task in args.tasks.split(",")]
+  results = check(args.tasks)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2)
   print(json.dumps(results, indent=2))

@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_cli
-from simclr_tf.data import datasets
+from simclr_tf.data import pipeline
 from simclr_tf.data import folder
 
 RNG = np.random.RandomState(0)
@@ -134,7 +134,7 @@ def test_listing_skips_exactly_the_bad_files(messy, caplog):
 
 def test_every_usable_kind_goes_through_the_pipeline(messy):
   root, good, _ = messy
-  ds = datasets.build_dataset(
+  ds = pipeline.build_dataset(
       dataset="image_folder", data_dir=str(root), split="train",
       stage="pretrain", image_size=32, batch_size=len(good), cache=False)
   batch = next(iter(ds))   # one epoch: every usable image once
@@ -143,7 +143,7 @@ def test_every_usable_kind_goes_through_the_pipeline(messy):
     assert images.shape == (len(good), 32, 32, 3)
     assert np.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1
   assert sorted(batch["label"].numpy().tolist()) == [0] * 10 + [1] * 3
-  ev = datasets.build_dataset(
+  ev = pipeline.build_dataset(
       dataset="image_folder", data_dir=str(root), split="train",
       stage="eval", image_size=32, batch_size=len(good), cache=False)
   assert next(iter(ev))["image"].shape == (len(good), 32, 32, 3)

@@ -5,22 +5,15 @@ holding the same weights, in float32 (to 1e-5) and mixed_bfloat16; global
 batch norm over two mirrored replicas is checked in a subprocess.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from simclr_tf.models import batch_norm  # noqa: E402
-from simclr_tf.models import simclr as simclr_lib  # noqa: E402
-from simclr_tf.config import ModelConfig  # noqa: E402
+from conftest import run_fresh
+from simclr_tf.config import ModelConfig
+from simclr_tf.models import batch_norm
+from simclr_tf.models import simclr as simclr_lib
 
 
 def _pair(shape, center=True, synchronized=True, dtype=None):
@@ -181,12 +174,7 @@ def test_training_step_of_the_model_matches_keras_batch_norm():
 
 def test_global_batch_norm_over_two_replicas():
   """Synchronized: statistics of the global batch; else of each replica."""
-  out = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), "--mirrored-worker"],
-      capture_output=True, text=True, timeout=300, cwd=ROOT,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = run_fresh(__file__, "_mirrored_worker")
   assert result["num_replicas"] == 2
   for key, value in result.items():
     if key != "num_replicas":
@@ -194,10 +182,7 @@ def test_global_batch_norm_over_two_replicas():
 
 
 def _mirrored_worker():
-  """Fresh process: 2 logical CPUs must be configured before TF starts."""
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  tf.config.set_logical_device_configuration(
-      cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+  """In `run_fresh`'s process: 2 logical CPUs exist before TF starts."""
   shape = (8, 3, 3, 6)
   x = _inputs(shape)
   half = shape[0] // 2
@@ -230,8 +215,4 @@ def _mirrored_worker():
           ours.moving_mean.numpy() - ref.moving_mean.numpy())))
       diffs["global_moving_variance"] = float(np.max(np.abs(
           ours.moving_variance.numpy() - ref.moving_variance.numpy())))
-  print(json.dumps(diffs))
-
-
-if __name__ == "__main__" and "--mirrored-worker" in sys.argv:
-  _mirrored_worker()
+  return diffs

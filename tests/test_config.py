@@ -5,6 +5,7 @@ import math
 import pytest
 
 from simclr_tf import config as config_lib
+from simclr_tf import stages
 from simclr_tf.config import Config, ConfigError, ModelConfig
 
 
@@ -13,6 +14,9 @@ from simclr_tf.config import Config, ConfigError, ModelConfig
     ({"resnet_depth": 20}, "--resnet_depth=20 is not allowed"),
     ({"label_fraction": 0.0}, "--label_fraction=0.0 is outside (0.0, 1.0]"),
     ({"label_fraction": 1.5}, "--label_fraction=1.5 is outside"),
+    ({"label_fraction": -0.5}, "--label_fraction=-0.5 is outside (0.0, 1.0]"),
+    ({"width_multiplier": 0.3},
+     "--width_multiplier=0.3 does not give whole channels"),
     ({"image_size": 4}, "--image_size=4 is too small for the CIFAR stem"),
     ({"image_size": 48}, "--image_size=48 is too small for the ImageNet"),
     ({"ft_proj_selector": 4}, "--ft_proj_selector=4 is outside [0, 3]"),
@@ -80,3 +84,44 @@ def test_steps():
   assert config_lib.total_train_steps(cfg, 1050) == 30
   assert config_lib.total_train_steps(cfg.replace(train_steps=7), 1050) == 7
   assert config_lib.warmup_steps(cfg, 1000) == 5
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"train_mode": "pretrain", "label_fraction": 0.1},
+     "--label_fraction=0.1 is only used by --train_mode=finetune"),
+    ({"train_mode": "distill", "teacher": "t", "label_fraction": 0.1},
+     "--label_fraction=0.1 is only used by --train_mode=finetune"),
+    ({"train_mode": "finetune", "teacher": "t"},
+     "--teacher='t' is only used by --train_mode=distill"),
+    ({"train_mode": "pretrain", "teacher": "t"},
+     "--teacher='t' is only used by --train_mode=distill"),
+    ({"train_mode": "finetune", "memory_size": 64},
+     "--memory_size=64 is only used by --train_mode=pretrain"),
+    ({"train_mode": "distill", "teacher": "t", "memory_size": 64},
+     "--memory_size=64 is only used by --train_mode=pretrain"),
+    ({"train_mode": "pretrain", "fine_tune_after_block": 4},
+     "--fine_tune_after_block=4 is only used by --train_mode=finetune or "
+     "distill"),
+])
+def test_a_flag_the_stage_does_not_use_is_an_error(changes, expected):
+  with pytest.raises(ConfigError) as err:
+    config_lib.validate(Config(**changes))
+  assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("changes", [
+    {"train_mode": "finetune", "label_fraction": 0.1,
+     "fine_tune_after_block": 4},
+    {"train_mode": "distill", "teacher": "t", "fine_tune_after_block": 2},
+    {"train_mode": "pretrain", "memory_size": 64},
+    # Evaluating a distilled model needs no teacher.
+    {"train_mode": "distill", "mode": "eval"},
+])
+def test_the_flags_each_stage_uses_are_accepted(changes):
+  assert config_lib.validate(Config(**changes)) == Config(**changes)
+
+
+def test_every_stage_flag_is_used_by_some_stage():
+  for flag, field, unset in stages.STAGE_FLAGS:
+    assert getattr(Config(), flag) == unset, flag
+    assert any(getattr(s, field) for s in stages.STAGES.values()), flag

@@ -24,9 +24,8 @@ from simclr_tf import runner
 from simclr_tf.config import Config
 from simclr_tf.models.batch_norm import BatchNormalization
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import TINY_FLAGS, run_cli  # noqa: E402  pylint: disable=g-import-not-at-top
+from conftest import (ROOT, TINY_FLAGS, WORKERS, FakeStrategy, run_cli,
+                      run_fresh)
 
 # Ops that run Python or need the host: a TPU step cannot contain them.
 HOST_ONLY_OPS = {"PyFunc", "EagerPyFunc", "PyFuncStateless", "PrintV2",
@@ -144,28 +143,6 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
   assert distribute._cpu_flags(str(tmp_path / "missing")) == set()
 
 
-class _Spec:
-  def __init__(self, spec):
-    self.spec = spec
-
-  def as_dict(self):
-    return self.spec
-
-
-class _Resolver:
-  def __init__(self, spec, task_type, task_id):
-    self._spec, self.task_type, self.task_id = spec, task_type, task_id
-
-  def cluster_spec(self):
-    return _Spec(self._spec)
-
-
-class _FakeStrategy:
-  def __init__(self, spec, task_type, task_id):
-    self.cluster_resolver = _Resolver(spec, task_type, task_id)
-
-
-WORKERS = {"worker": ["a:1", "b:2"]}
 WITH_CHIEF = {"chief": ["c:0"], "worker": ["a:1", "b:2"]}
 
 
@@ -178,21 +155,9 @@ WITH_CHIEF = {"chief": ["c:0"], "worker": ["a:1", "b:2"]}
     ({}, None, None, True, "chief"),
 ])
 def test_chief_and_task_names(spec, task_type, task_id, chief, name):
-  strategy = _FakeStrategy(spec, task_type, task_id)
+  strategy = FakeStrategy(spec, task_type, task_id)
   assert distribute.is_chief(strategy) == chief
   assert distribute.task_name(strategy) == name
-
-
-def test_scratch_dir_is_named_by_task_and_removed(tmp_path):
-  strategy = _FakeStrategy(WORKERS, "worker", 1)
-  scratch = distribute.scratch_dir(str(tmp_path), strategy)
-  assert scratch == str(tmp_path / ".worker_scratch" / "worker_1")
-  os.makedirs(scratch)
-  (tmp_path / ".worker_scratch" / "worker_1" / "ckpt-1.index").write_text("")
-  distribute.remove_scratch(scratch)
-  assert not (tmp_path / ".worker_scratch").exists()
-  assert distribute.checkpoint_dir(str(tmp_path)) == str(
-      tmp_path / "checkpoints")
 
 
 @pytest.mark.parametrize("pipelines, replicas, expected", [
@@ -280,15 +245,10 @@ def test_train_step_has_no_host_only_ops(task, tmp_path, monkeypatch):
 # --- One step: mirrored over 2 CPUs == one device -----------------------------
 
 @pytest.mark.slow  # a fresh process, 4 ResNet-18 traces: ~1-2.5 min on 2 CPUs
-def test_mirrored_step_equals_single_device_step(tmp_path):
-  out = tmp_path / "result.json"
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "distributed_step_check.py"),
-       str(out), "--tasks=pretrain,finetune"],
-      capture_output=True, text=True, timeout=400, cwd=ROOT,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  results = {r["task"]: r for r in json.loads(out.read_text())}
+def test_mirrored_step_equals_single_device_step():
+  found = run_fresh(os.path.join(ROOT, "tests", "distributed_step_check.py"),
+                    "check", "pretrain,finetune", timeout=400)
+  results = {r["task"]: r for r in found}
   for task in ("pretrain", "finetune"):
     r = results[task]
     assert r["replicas"] == 2 and r["replica_spread"] == 0.0, r

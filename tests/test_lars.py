@@ -1,14 +1,9 @@
 """Tests of simclr_tf.optim.lars: single steps against numpy, by hand."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_fresh
 
 LR = 0.5
 MOMENTUM = 0.9
@@ -270,23 +265,15 @@ def test_config_round_trip():
 
 @pytest.mark.slow  # a fresh TF process with 2 logical CPUs (~5-10 s)
 def test_mirrored_two_cpu_replicas_match_single_device():
-  env = dict(os.environ, PYTHONPATH=_REPO, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__),
-                         "--mirrored-worker"], capture_output=True,
-                        text=True, env=env, timeout=120, cwd=_REPO)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = run_fresh(__file__, "_mirrored_worker", timeout=120)
   assert result["num_replicas"] == 2
   assert result["max_abs_diff"] < 1e-6, result
   assert result["excluded_is_plain_sgd_diff"] < 1e-6, result
 
 
 def _mirrored_worker():
-  """Runs in a fresh process: 2 logical CPUs must exist before TF starts."""
+  """In `run_fresh`'s process: 2 logical CPUs exist before TF starts."""
   import tensorflow as tf
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  tf.config.set_logical_device_configuration(
-      cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
   import keras
   from simclr_tf.optim import LARS
 
@@ -339,13 +326,10 @@ def _mirrored_worker():
   b_want = b0 - v
   v = MOMENTUM * v + LR * grads[1][1]
   b_want = b_want - v
-  print(json.dumps({
+  return {
       "num_replicas": strategy.num_replicas_in_sync,
       "max_abs_diff": float(max(diffs)),
       "excluded_is_plain_sgd_diff": float(
           np.max(np.abs(b_dist.numpy() - b_want))),
-  }))
+  }
 
-
-if __name__ == "__main__" and "--mirrored-worker" in sys.argv:
-  _mirrored_worker()

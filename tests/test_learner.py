@@ -112,13 +112,36 @@ def test_unlabeled_examples_do_not_count_in_the_supervised_loss():
 
 
 def test_weight_decay_term_is_logged_and_added():
-  net = simclr_lib.build_model(ModelConfig(**SMALL), 32)
-  groups = simclr_lib.decay_groups(net, "momentum")
-  learner = Learner(net, tasks.Finetune(), l2_variables=groups.loss_l2,
-                    weight_decay=1e-3)
+  keras.utils.set_random_seed(0)
+  nets = [simclr_lib.build_model(ModelConfig(**SMALL), 32) for _ in range(2)]
+  simclr_lib.copy_weights(nets[0], nets[1])
+  groups = [simclr_lib.decay_groups(net, "momentum") for net in nets]
   expected = 1e-3 * sum(float(np.sum(v.numpy() ** 2)) / 2
-                        for v in groups.loss_l2)
-  np.testing.assert_allclose(float(learner._l2_term()), expected, rtol=1e-4)
+                        for v in groups[0].loss_l2)
+  assert expected > 0
+  path = sorted(v.path for v in groups[0].loss_l2
+                if "head_supervised" not in v.path)[0]
+  start = simclr_lib.variables_by_path(nets[0])[path].numpy().copy()
+  lr, logs = 0.1, []
+  for net, group, decay in zip(nets, groups, (1e-3, 0.0)):
+    learner = Learner(net, tasks.Finetune(), l2_variables=group.loss_l2,
+                      weight_decay=decay)
+    learner.compile(optimizer=keras.optimizers.SGD(lr))
+    logs.append(_fit(learner, _batch(), steps=1))
+  # Logged: the term by hand, and the loss is the task's plus the term.
+  with_decay, without = logs
+  np.testing.assert_allclose(with_decay["weight_decay"][0], expected,
+                             rtol=1e-4)
+  np.testing.assert_allclose(
+      with_decay["loss"][0],
+      with_decay["sup_loss"][0] + with_decay["weight_decay"][0], rtol=1e-5)
+  assert without["weight_decay"][0] == 0.0
+  # Added to what is differentiated: one SGD step moves a decayed kernel
+  # further, by lr * decay * w (the gradient of decay * |w|^2 / 2).
+  decayed, plain = (simclr_lib.variables_by_path(net)[path].numpy()
+                    for net in nets)
+  np.testing.assert_allclose(plain - decayed, lr * 1e-3 * start,
+                             atol=1e-3 * lr * 1e-3 * np.abs(start).max())
 
 
 def test_top_k_breaks_ties_by_class_index():
@@ -136,11 +159,11 @@ def test_top_k_breaks_ties_by_class_index():
 def test_short_pretraining_on_real_images_lowers_the_contrastive_loss():
   """A few LARS steps on the bundled CIFAR-10 images, then the loss of a
   fixed batch of augmented pairs (not trained on) is lower than before."""
-  from simclr_tf.data import datasets
+  from simclr_tf.data import pipeline
   from simclr_tf.optim.lars import LARS
 
   def pairs(seed, batch, steps=None):
-    ds = datasets.build_dataset(
+    ds = pipeline.build_dataset(
         dataset="cifar10_sample", data_dir="", split="train",
         stage="pretrain", image_size=32, batch_size=batch, seed=seed,
         cache=False)
@@ -168,3 +191,22 @@ def test_short_pretraining_on_real_images_lowers_the_contrastive_loss():
   after = held_out_loss()
   print(f"held-out contrastive loss: {before:.4f} -> {after:.4f}")
   assert after < before - 0.05, (before, after)
+
+
+def test_a_learner_without_task_evaluates_but_does_not_train():
+  net = simclr_lib.build_model(ModelConfig(**SMALL), 32)
+  for v in net.sup_head.weights:
+    v.assign(np.random.default_rng(1).standard_normal(v.shape)
+             .astype("float32"))
+  learner = Learner(net, None)
+  learner.compile(optimizer=keras.optimizers.SGD(0.1))
+  batch = _batch()
+  ds = tf.data.Dataset.from_tensors(batch)
+  metrics = learner.evaluate(ds, return_dict=True, verbose=0)
+  logits = net(batch["image"])["logits_sup"]
+  want = tasks.top_k_correct(batch["label"], logits, 1).numpy().mean()
+  np.testing.assert_allclose(metrics["top1"], want, rtol=1e-6)
+  assert set(metrics) == {"loss", "top1", "top5"}
+  with pytest.raises(ValueError, match="only evaluates"):
+    learner.fit(ds.repeat(), steps_per_epoch=1, epochs=1, verbose=0,
+                shuffle=False)

@@ -1,15 +1,11 @@
 """Tests of simclr_tf.losses against numpy references written out by hand."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_fresh
 
 
 def _np_nt_xent(z1, z2, temperature, hidden_norm=True, queue=None,
@@ -52,7 +48,6 @@ def test_nt_xent_closed_form():
   want = 2.0 * (math.log(math.e + 2.0) - 1.0)
   np.testing.assert_allclose(out.loss.numpy(), [want, want], rtol=1e-6)
   np.testing.assert_array_equal(out.labels.numpy(), [0, 1])
-  assert int(out.global_batch_size) == 2
   assert out.logits_ab.shape == (2, 2)
 
 
@@ -231,12 +226,7 @@ def test_supervised_loss_masks_unlabeled():
 
 @pytest.mark.slow  # a fresh TF process with 2 logical CPUs (~5-10 s)
 def test_mirrored_two_replicas_match_single_device():
-  env = dict(os.environ, PYTHONPATH=_REPO, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__),
-                         "--mirrored-worker"], capture_output=True,
-                        text=True, env=env, timeout=120, cwd=_REPO)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = run_fresh(__file__, "_mirrored_worker", timeout=120)
   assert result["num_replicas"] == 2
   assert result["labels"] == list(range(8))
   for key in ("loss", "logits_ab", "grad", "loss_queue", "grad_queue",
@@ -247,11 +237,8 @@ def test_mirrored_two_replicas_match_single_device():
 
 
 def _mirrored_worker():
-  """Fresh process: 2 logical CPUs must be configured before TF starts."""
+  """In `run_fresh`'s process: 2 logical CPUs exist before TF starts."""
   import tensorflow as tf
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  tf.config.set_logical_device_configuration(
-      cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
   from simclr_tf.losses import contrastive_metrics, nt_xent
 
   batch, dim_in, dim, temperature = 8, 6, 5, 0.3
@@ -267,8 +254,7 @@ def _mirrored_worker():
       out = nt_xent(z1, z2, temperature, extra_negatives=keys,
                     extra_negatives_mask=None if keys is None else queue_mask)
       # The global mean: local sum over B_global, summed across replicas.
-      loss = tf.reduce_sum(out.loss) / tf.cast(out.global_batch_size,
-                                               tf.float32)
+      loss = tf.reduce_sum(out.loss) / float(batch)
     metrics = contrastive_metrics(out.logits_ab, out.labels)
     return (out.loss, out.logits_ab, out.labels, tape.gradient(loss, w),
             metrics["accuracy"], metrics["entropy"])
@@ -299,7 +285,7 @@ def _mirrored_worker():
   dist = [t.numpy() for t in distributed(a, b, False)]
   dist_q = [t.numpy() for t in distributed(a, b, True)]
   diff = lambda x, y: float(np.max(np.abs(np.asarray(x) - y)))  # noqa: E731
-  print(json.dumps({
+  return {
       "num_replicas": strategy.num_replicas_in_sync,
       "labels": [int(i) for i in dist[2]],
       "loss": diff(single[0], dist[0]),
@@ -310,8 +296,5 @@ def _mirrored_worker():
       "loss_queue": diff(single_q[0], dist_q[0]),
       "grad_queue": diff(single_q[3], dist_q[3]),
       "grad_norm": float(np.linalg.norm(dist[3])),
-  }))
+  }
 
-
-if __name__ == "__main__" and "--mirrored-worker" in sys.argv:
-  _mirrored_worker()

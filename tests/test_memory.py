@@ -1,22 +1,17 @@
 """SimCLRv2's memory: moving average, FIFO queue, loss, checkpoint, replicas."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_cli
 
+from conftest import run_cli, run_fresh
+from simclr_tf import distribute
 from simclr_tf import losses
 from simclr_tf import tasks
 from simclr_tf.config import ModelConfig
 from simclr_tf.memory import Memory
 from simclr_tf.models import simclr as simclr_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 8           # smallest input of the CIFAR stem: fast tests
 DIM = 8
 CONFIG = ModelConfig(resnet_depth=18, proj_out_dim=DIM, num_classes=3)
@@ -235,93 +230,77 @@ def test_rejects_bad_arguments():
     Memory(CONFIG, SIZE, size=4, momentum=1.5)
 
 
-MIRRORED_SCRIPT = textwrap.dedent("""
-    import numpy as np
-    import tensorflow as tf
-    from simclr_tf import distribute
-    distribute.split_cpu(2)
-    from simclr_tf import tasks
-    from simclr_tf.config import ModelConfig
-    from simclr_tf.memory import Memory
-    from simclr_tf.models.simclr import SimCLR
+def _mirrored_check():
+  """In `run_fresh`'s process: 2 logical CPUs exist before TF starts."""
+  strategy = distribute.make_strategy("mirrored", cpu_replicas=2)
+  assert strategy.num_replicas_in_sync == 2
+  config = ModelConfig(resnet_depth=18, proj_out_dim=8, num_classes=3)
+  rng = np.random.default_rng(0)
+  with strategy.scope():
+    net = simclr_lib.SimCLR(config).build_for(8)
+    memory = Memory(config, 8, size=12, momentum=0.5)
+    memory.initialize_from(net)
+    for v in net.trainable_variables:
+      v.assign(v.numpy() + 0.1 * rng.normal(size=v.shape).astype("float32"))
+  rel = lambda v: v.path.split("/", 1)[1]
+  before = {rel(v): v.numpy() for v in memory.memory_net.variables}
+  online = {rel(v): v.numpy() for v in net.variables}
 
-    strategy = distribute.make_strategy("mirrored", cpu_replicas=2)
-    assert strategy.num_replicas_in_sync == 2
-    config = ModelConfig(resnet_depth=18, proj_out_dim=8, num_classes=3)
-    rng = np.random.default_rng(0)
-    with strategy.scope():
-      net = SimCLR(config).build_for(8)
-      memory = Memory(config, 8, size=12, momentum=0.5)
-      memory.initialize_from(net)
-      for v in net.trainable_variables:
-        v.assign(v.numpy() + 0.1 * rng.normal(size=v.shape).astype("float32"))
-    rel = lambda v: v.path.split("/", 1)[1]
-    before = {rel(v): v.numpy() for v in memory.memory_net.variables}
-    online = {rel(v): v.numpy() for v in net.variables}
+  def components(v):
+    return [c.numpy() for c in strategy.experimental_local_results(v.value)]
 
-    def components(v):
-      return [c.numpy() for c in strategy.experimental_local_results(v.value)]
+  def assert_identical_on_replicas():
+    for v in memory.weights:
+      c = components(v)
+      assert np.array_equal(c[0], c[1]), v.path
 
-    def assert_identical_on_replicas():
-      for v in memory.weights:
-        c = components(v)
-        assert np.array_equal(c[0], c[1]), v.path
+  # Each replica gets its own 4 images (2 examples, 2 views).
+  images = tf.constant(rng.uniform(size=(2, 4, 8, 8, 3)), tf.float32)
+  batch = {"view1": images[:, :2], "view2": images[:, 2:],
+           "label": tf.zeros([2, 2], tf.int32)}
+  per_replica = strategy.experimental_distribute_values_from_function(
+      lambda ctx: {k: v[ctx.replica_id_in_sync_group]
+                   for k, v in batch.items()})
+  task = tasks.Pretrain(0.5, memory=memory)
 
-    # Each replica gets its own 4 images (2 examples, 2 views).
-    images = tf.constant(rng.uniform(size=(2, 4, 8, 8, 3)), tf.float32)
-    batch = {"view1": images[:, :2], "view2": images[:, 2:],
-             "label": tf.zeros([2, 2], tf.int32)}
-    per_replica = strategy.experimental_distribute_values_from_function(
-        lambda ctx: {k: v[ctx.replica_id_in_sync_group]
-                     for k, v in batch.items()})
-    task = tasks.Pretrain(0.5, memory=memory)
+  @tf.function
+  def step(batch):
+    def fn(batch):
+      images = tf.concat([batch["view1"], batch["view2"]], 0)
+      _, keys = memory.contrast_kwargs(net, images)
+      memory.enqueue(keys)
+      return keys
+    return strategy.run(fn, args=(batch,))
 
-    @tf.function
-    def step(batch):
-      def fn(batch):
-        images = tf.concat([batch["view1"], batch["view2"]], 0)
-        _, keys = memory.contrast_kwargs(net, images)
-        memory.enqueue(keys)
-        return keys
-      return strategy.run(fn, args=(batch,))
+  keys = [k.numpy() for k in
+          strategy.experimental_local_results(step(per_replica))]
+  assert_identical_on_replicas()
+  queue = components(memory.queue)[0]
+  # The global batch, in replica order.
+  np.testing.assert_array_equal(queue[:8], np.concatenate(keys))
+  assert not queue[8:].any()
+  assert int(memory.pointer.numpy()) == 8
+  assert int(memory.count.numpy()) == 8
+  for v in memory.memory_net.trainable_variables:
+    np.testing.assert_allclose(
+        v.numpy(), 0.5 * before[rel(v)] + 0.5 * online[rel(v)],
+        rtol=1e-6, atol=1e-7)
 
-    keys = [k.numpy() for k in
-            strategy.experimental_local_results(step(per_replica))]
-    assert_identical_on_replicas()
-    queue = components(memory.queue)[0]
-    # The global batch, in replica order.
-    np.testing.assert_array_equal(queue[:8], np.concatenate(keys))
-    assert not queue[8:].any()
-    assert int(memory.pointer.numpy()) == 8
-    assert int(memory.count.numpy()) == 8
-    for v in memory.memory_net.trainable_variables:
-      np.testing.assert_allclose(
-          v.numpy(), 0.5 * before[rel(v)] + 0.5 * online[rel(v)],
-          rtol=1e-6, atol=1e-7)
+  @tf.function
+  def task_step(batch):
+    return strategy.run(lambda b: task(net, b, training=True), args=(batch,))
 
-    @tf.function
-    def task_step(batch):
-      return strategy.run(lambda b: task(net, b, training=True), args=(batch,))
-
-    _, metrics = task_step(per_replica)
-    assert_identical_on_replicas()
-    assert int(memory.pointer.numpy()) == 4
-    assert int(memory.count.numpy()) == 12
-    fill = strategy.experimental_local_results(metrics["memory_fill"])
-    assert [float(f) for f in fill] == [1.0, 1.0], fill
-    print("MIRRORED_OK")
-""")
+  _, metrics = task_step(per_replica)
+  assert_identical_on_replicas()
+  assert int(memory.pointer.numpy()) == 4
+  assert int(memory.count.numpy()) == 12
+  fill = strategy.experimental_local_results(metrics["memory_fill"])
+  assert [float(f) for f in fill] == [1.0, 1.0], fill
+  return "MIRRORED_OK"
 
 
-def test_mirrored_update_is_identical_on_both_replicas(tmp_path):
-  script = tmp_path / "mirrored.py"
-  script.write_text(MIRRORED_SCRIPT)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  result = subprocess.run([sys.executable, str(script)], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=ROOT)
-  assert result.returncode == 0 and "MIRRORED_OK" in result.stdout, (
-      result.stdout[-3000:] + result.stderr[-3000:])
+def test_mirrored_update_is_identical_on_both_replicas():
+  assert run_fresh(__file__, "_mirrored_check") == "MIRRORED_OK"
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from conftest import ROOT, run_cli
 from simclr_tf import callbacks as cb
+from simclr_tf import checkpoints
 from simclr_tf import runner
 from simclr_tf.config import Config, ConfigError
 from tf_hub_export import export as export_lib
@@ -228,7 +229,7 @@ def test_checkpointer_never_saves_non_finite_weights(tmp_path):
   model = _tiny_model()
   ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
   manager = tf.train.CheckpointManager(ckpt, str(tmp_path), max_to_keep=3)
-  saver = cb.Checkpointer(manager, handle_sigterm=False)
+  saver = checkpoints.Checkpointer(manager, handle_sigterm=False)
   saver.set_model(model)
   saver.save()
   good = manager.latest_checkpoint
@@ -247,7 +248,7 @@ def test_checkpointer_skips_saving_after_a_non_finite_loss(tmp_path):
   model = _tiny_model()
   manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
                                        str(tmp_path), max_to_keep=3)
-  saver = cb.Checkpointer(manager, handle_sigterm=False)
+  saver = checkpoints.Checkpointer(manager, handle_sigterm=False)
   saver.set_model(model)
   saver.on_train_batch_end(0, {"loss": float("inf")})
   saver.on_epoch_end(0)
@@ -271,14 +272,14 @@ def test_checkpoint_write_failure_is_one_clear_line(tmp_path, monkeypatch):
   model = _tiny_model()
   manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
                                        str(tmp_path), max_to_keep=3)
-  saver = cb.Checkpointer(manager, handle_sigterm=False)
+  saver = checkpoints.Checkpointer(manager, handle_sigterm=False)
   saver.set_model(model)
 
   def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
   monkeypatch.setattr(manager, "save", full)
-  with pytest.raises(cb.CheckpointWriteError) as error:
+  with pytest.raises(checkpoints.CheckpointWriteError) as error:
     saver.save()
   assert "No space left on device" in str(error.value)
   assert "--model_dir" in str(error.value) and "\n" not in str(error.value)
@@ -324,7 +325,7 @@ def test_kill_during_a_checkpoint_save_restores_the_last_complete_one(
   proc.kill()
   proc.wait()
   manager, value = _manager(directory)
-  restored = runner.restore_latest(manager)
+  restored = checkpoints.restore_latest(manager)
   step = int(restored.rsplit("-", 1)[1])
   assert step >= 1
   np.testing.assert_array_equal(value.numpy()[[0, -1]], [step, step])
@@ -346,7 +347,7 @@ def test_restore_falls_back_from_a_damaged_checkpoint(tmp_path, caplog):
   variable.assign(-1.0)
   reopened = tf.train.CheckpointManager(tf.train.Checkpoint(v=variable),
                                         directory, max_to_keep=3)
-  assert runner.restore_latest(reopened).endswith("ckpt-2")
+  assert checkpoints.restore_latest(reopened).endswith("ckpt-2")
   assert float(variable.numpy()) == 2.0
   assert "Cannot restore" in caplog.text
   assert not os.path.exists(os.path.join(directory, "ckpt-6_temp"))
@@ -361,7 +362,7 @@ def test_restore_of_incompatible_checkpoints_is_a_config_error(tmp_path):
       tf.train.Checkpoint(w=tf.Variable([1.0, 2.0])),
       str(tmp_path / "checkpoints"), max_to_keep=3)
   with pytest.raises(ConfigError, match="none can be restored") as error:
-    runner.restore_latest(other)
+    checkpoints.restore_latest(other)
   assert "--model_dir=" in str(error.value) and "\n" not in str(error.value)
 
 
@@ -458,9 +459,9 @@ def test_too_little_space_for_checkpoints_is_a_config_error(tmp_path,
   usage = shutil.disk_usage(tmp_path)
   monkeypatch.setattr(shutil, "disk_usage",
                       lambda p: usage._replace(free=30_000_000))
-  runner.check_free_space(cfg, learner)   # enough
+  checkpoints.check_free_space(cfg, learner)   # enough
   monkeypatch.setattr(shutil, "disk_usage",
                       lambda p: usage._replace(free=20_000_000))
   with pytest.raises(ConfigError, match="need about 29 MB") as error:
-    runner.check_free_space(cfg, learner)
+    checkpoints.check_free_space(cfg, learner)
   assert "--keep_checkpoint_max=2" in str(error.value)

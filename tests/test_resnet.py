@@ -1,20 +1,17 @@
 """Tests of the SimCLRv2 ResNet encoder (simclr_tf/models/resnet.py)."""
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import run_fresh
+from simclr_tf.models import blocks
 from simclr_tf.models import resnet as resnet_lib
 from simclr_tf.models.resnet import ResNet
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SK_RATIO = 0.0625  # SimCLRv2 section 4 / official code: 1/16.
 
 
@@ -229,7 +226,7 @@ def test_identity_blocks_start_as_identity():
   # Zero-initialised last gamma: a block without projection returns
   # relu(input) = input (inputs are post-ReLU) until it is trained.
   for bottleneck in (True, False):
-    block = resnet_lib.ResidualBlock(
+    block = blocks.ResidualBlock(
         16, bottleneck=bottleneck, sk_ratio=SK_RATIO, se_ratio=0.25,
         resnet_d=True)
     x = tf.nn.relu(tf.random.normal([2, 8, 8, block.out_filters]))
@@ -270,17 +267,15 @@ def test_bottleneck_sk_variable_paths(r50_sk):
   assert "resnet/block_group3/block_0/shortcut_conv/kernel" in paths
 
 
+def _fresh_paths():
+  """In `run_fresh`'s process, where no layer was made before."""
+  model = ResNet(depth=18, cifar_stem=True)
+  model.build((None, None, None, 3))
+  return [v.path for v in model.weights]
+
+
 def test_variable_paths_match_a_fresh_process():
-  code = ("import json, keras\n"
-          "from simclr_tf.models.resnet import ResNet\n"
-          "m = ResNet(depth=18, cifar_stem=True)\n"
-          "m.build((None, None, None, 3))\n"
-          "print(json.dumps([v.path for v in m.weights]))\n")
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, cwd=REPO_ROOT, env=env, check=True,
-                          timeout=120)
-  fresh = json.loads(result.stdout.strip().splitlines()[-1])
+  fresh = run_fresh(__file__, "_fresh_paths", cpus=1, timeout=120)
   keras.layers.Conv2D(1, 1, name="conv_0").build((None, 4, 4, 1))
   here = _built(depth=18, cifar_stem=True)
   assert fresh == [v.path for v in here.weights]
@@ -320,7 +315,7 @@ def test_mixed_bfloat16(mixed_bfloat16):
   assert np.all(np.isfinite(
       tf.cast(out["final_avg_pool"], tf.float32).numpy()))
   # A selective-kernel bottleneck (only deep ResNets have them).
-  block = resnet_lib.ResidualBlock(32, strides=2, bottleneck=True,
+  block = blocks.ResidualBlock(32, strides=2, bottleneck=True,
                                    use_projection=True, resnet_d=True,
                                    sk_ratio=SK_RATIO, se_ratio=0.25)
   y = block(tf.random.uniform([2, 9, 9, 64]), training=True)
@@ -331,7 +326,7 @@ def test_mixed_bfloat16(mixed_bfloat16):
 
 def test_gradients_reach_every_trainable_variable():
   model = ResNet(depth=18, sk_ratio=SK_RATIO, se_ratio=0.25)
-  block = resnet_lib.ResidualBlock(32, strides=2, bottleneck=True,
+  block = blocks.ResidualBlock(32, strides=2, bottleneck=True,
                                    use_projection=True, resnet_d=True,
                                    sk_ratio=SK_RATIO, se_ratio=0.25)
   images = tf.random.uniform([2, 64, 64, 3])

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf.config import ModelConfig
+from simclr_tf.models import resnet as resnet_lib
 from simclr_tf.models import simclr as simclr_lib
 
 PRETRAIN = ModelConfig(num_classes=10, sup_head_input=1,
@@ -21,7 +22,7 @@ def pretrain_net():
 
 def test_pretrain_outputs(pretrain_net):
   out = pretrain_net(tf.zeros([2, 32, 32, 3]))
-  assert set(simclr_lib.BACKBONE_OUTPUTS) <= set(out)
+  assert set(resnet_lib.OUTPUT_NAMES) <= set(out)
   for j in (1, 2, 3):
     assert simclr_lib.proj_layer_key(j) in out
   assert out["proj_head_output"].shape == (2, 16)

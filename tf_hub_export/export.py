@@ -36,11 +36,10 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-import keras
 import tensorflow as tf
 
 from simclr_tf.config import ModelConfig
-from simclr_tf.models.simclr import SimCLR, copy_weights
+from simclr_tf.models.simclr import SimCLR, build_float32, copy_weights
 
 META_DIR = "assets.extra"
 META_FILE = "simclr_tf.json"
@@ -73,26 +72,13 @@ class ExportMeta:
     return cls(**values)
 
 
-class _float32_policy:
-  """Builds layers with float32 compute whatever the run's policy is."""
-
-  def __enter__(self):
-    self._saved = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-
-  def __exit__(self, *exc):
-    keras.config.set_dtype_policy(self._saved)
-
-
 def float32_copy(model: SimCLR, image_size: int) -> SimCLR:
   """A float32, unsynchronised-BN copy of `model` with the same weights.
 
   Exports compute in float32 whatever precision training used, and their
   outputs are exactly those of this copy.
   """
-  config = dataclasses.replace(model.model_config, global_bn=False)
-  with _float32_policy():
-    copy = SimCLR(config, name=model.name).build_for(image_size)
+  copy = build_float32(model.model_config, image_size, name=model.name)
   copy_weights(model, copy)
   return copy
 
@@ -184,7 +170,3 @@ def _swap_into_place(staging: str, export_dir: str) -> None:
   os.rename(staging, export_dir)
   if old:
     shutil.rmtree(old, ignore_errors=True)
-
-
-def has_meta(export_dir: str) -> bool:
-  return os.path.exists(os.path.join(export_dir, META_DIR, META_FILE))

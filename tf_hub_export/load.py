@@ -17,9 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_tf.config import ModelConfig
-from simclr_tf.models.simclr import SimCLR, copy_weights, variables_by_path
-from tf_hub_export.export import (META_DIR, META_FILE, ExportMeta,
-                                  _float32_policy)
+from simclr_tf.models.simclr import (SimCLR, build_float32, copy_weights,
+                                     variables_by_path)
+from tf_hub_export.export import META_DIR, META_FILE, ExportMeta
 
 
 class ExportError(ValueError):
@@ -133,9 +133,7 @@ def load_model(path: str, model_config: Optional[ModelConfig] = None,
   meta = read_meta(path, flag)
   path = resolve_export(path)
   config = model_config or meta.model_config
-  with _float32_policy():
-    model = SimCLR(dataclasses.replace(config, global_bn=False)).build_for(
-        meta.image_size)
+  model = build_float32(config, meta.image_size)
   loaded = tf.saved_model.load(path)
   new_weights = new_weights or (lambda p: False)
   report = restore_weights(model, loaded, meta, skip=new_weights)

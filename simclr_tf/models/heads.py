@@ -14,9 +14,9 @@ from typing import Any, Optional
 import keras
 from keras import ops
 
+from simclr_tf.config import PROJ_HEAD_MODES, num_proj_layers
 from simclr_tf.models.batch_norm import BatchNormalization
 
-PROJ_HEAD_MODES = ("nonlinear", "linear", "none")
 # Dense kernels of the projection head start at N(0, 0.01^2), as officially.
 PROJ_KERNEL_STDDEV = 0.01
 
@@ -147,7 +147,7 @@ class ProjectionHead(keras.layers.Layer):
     self.batch_norm_epsilon = batch_norm_epsilon
     self.global_bn = global_bn
 
-    total = {"none": 0, "linear": 1, "nonlinear": num_layers}[mode]
+    total = num_proj_layers(mode, num_layers)
     kept = total if num_layers_kept is None else min(total, num_layers_kept)
     self.proj_layers = []
     for j in range(1, kept + 1):

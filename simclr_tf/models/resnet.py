@@ -31,7 +31,11 @@ import keras
 from keras import ops
 
 from simclr_tf import config as config_lib
-from simclr_tf.models.batch_norm import BatchNormalization
+# SK_MIN_DIM is part of the architecture this module describes (the
+# official-checkpoint importer reads it here), not used below.
+from simclr_tf.models.blocks import (  # noqa: F401
+    BOTTLENECK_EXPANSION, SK_MIN_DIM, BNLayer, ResidualBlock, apply_conv,
+    make_conv, nhwc, num_channels)
 
 # Blocks per group (He et al. 2016, Table 1; 200 from He et al. 2016b).
 BLOCK_TYPES = {
@@ -45,350 +49,12 @@ BLOCK_TYPES = {
 # Base widths of the four block groups (He et al. 2016, Table 1).
 GROUP_FILTERS = (64, 128, 256, 512)
 GROUP_STRIDES = (1, 2, 2, 2)
-# A bottleneck block outputs 4x its base width (He et al. 2016, Fig. 5).
-BOTTLENECK_EXPANSION = 4
-# Smallest width of the selective-kernel attention (SKNet, Li et al. 2019,
-# "L" in Eq. 4; the official SimCLRv2 code uses 32).
-SK_MIN_DIM = 32
 OUTPUT_NAMES = ("initial_conv", "initial_max_pool", "block_group1",
                 "block_group2", "block_group3", "block_group4",
                 "final_avg_pool")
 
 
-def _conv_initializer():
-  # tf.keras VarianceScaling() defaults (scale 1, fan_in, truncated normal),
-  # as in the official code.
-  return keras.initializers.VarianceScaling()
-
-
-def _conv(filters: int, kernel_size: int, strides: int, name: str,
-          dtype: Any) -> keras.layers.Conv2D:
-  """A bias-free convolution; strided ones expect `_fixed_pad`ded inputs."""
-  return keras.layers.Conv2D(
-      filters=filters,
-      kernel_size=kernel_size,
-      strides=strides,
-      padding="same" if strides == 1 else "valid",
-      use_bias=False,
-      kernel_initializer=_conv_initializer(),
-      name=name,
-      dtype=dtype)
-
-
-def _batch_norm(name: str, decay: float, epsilon: float, synchronized: bool,
-                dtype: Any,
-                zero_init: bool = False) -> BatchNormalization:
-  # Keras' layer with a fused kernel for single-replica statistics.
-  return BatchNormalization(
-      axis=-1,
-      momentum=decay,
-      epsilon=epsilon,
-      gamma_initializer="zeros" if zero_init else "ones",
-      synchronized=synchronized,
-      name=name,
-      dtype=dtype)
-
-
-def _fixed_pad(x, kernel_size: int):
-  """Pads H and W by (k - 1) // 2 before and the rest after, for any size."""
-  total = kernel_size - 1
-  before = total // 2
-  after = total - before
-  return ops.pad(x, [[0, 0], [before, after], [before, after], [0, 0]])
-
-
-def _apply_conv(conv: keras.layers.Conv2D, x):
-  """Runs `conv`, padding first (`_fixed_pad`) when it is strided."""
-  if conv.strides[0] > 1:
-    x = _fixed_pad(x, conv.kernel_size[0])
-  return conv(x)
-
-
-def _channels(input_shape) -> int:
-  channels = input_shape[-1]
-  if channels is None:
-    raise ValueError(
-        f"The channel dimension must be known. Received: "
-        f"input_shape={tuple(input_shape)}")
-  return int(channels)
-
-
-def _nhwc(channels: int):
-  return (None, None, None, channels)
-
-
-class _BNLayer(keras.layers.Layer):
-  """Base of the layers below: holds the batch-norm arguments."""
-
-  def __init__(self, batch_norm_decay: float = 0.9,
-               batch_norm_epsilon: float = 1e-5, global_bn: bool = True,
-               **kwargs):
-    super().__init__(**kwargs)
-    self.batch_norm_decay = batch_norm_decay
-    self.batch_norm_epsilon = batch_norm_epsilon
-    self.global_bn = global_bn
-
-  def _bn(self, name: str, zero_init: bool = False):
-    return _batch_norm(name, self.batch_norm_decay, self.batch_norm_epsilon,
-                       self.global_bn, self.dtype_policy, zero_init=zero_init)
-
-  def get_config(self) -> dict[str, Any]:
-    config = super().get_config()
-    config.update({
-        "batch_norm_decay": self.batch_norm_decay,
-        "batch_norm_epsilon": self.batch_norm_epsilon,
-        "global_bn": self.global_bn,
-    })
-    return config
-
-
-class SelectiveKernel(_BNLayer):
-  """Selective-kernel 3x3 convolution as in the official SimCLRv2 code.
-
-  One 3x3 convolution computes both branches (2 x `filters` channels), which
-  go through BN-ReLU and are split in two. Their sum is pooled and squeezed to
-  max(int(filters * sk_ratio), 32) channels (1x1 conv, BN-ReLU), expanded back
-  to 2 x `filters` logits, and a softmax across the two branches weights them.
-
-  Sublayers: 'conv', 'bn', 'reduce', 'reduce_bn', 'expand'.
-
-  Args:
-    filters: output channels.
-    strides: stride of the 3x3 convolution.
-    sk_ratio: width of the attention relative to `filters` (paper: 1/16).
-    min_dim: smallest width of the attention.
-    **kwargs: batch-norm arguments of `_BNLayer` and Layer arguments.
-  """
-
-  def __init__(self, filters: int, strides: int = 1, sk_ratio: float = 0.0625,
-               min_dim: int = SK_MIN_DIM, **kwargs):
-    super().__init__(**kwargs)
-    if sk_ratio <= 0:
-      raise ValueError(f"sk_ratio must be positive. Received: "
-                       f"sk_ratio={sk_ratio}")
-    self.filters = filters
-    self.strides = strides
-    self.sk_ratio = sk_ratio
-    self.min_dim = min_dim
-    self.mid_dim = max(int(filters * sk_ratio), min_dim)
-    dtype = self.dtype_policy
-    self.conv = _conv(2 * filters, 3, strides, "conv", dtype)
-    self.bn = self._bn("bn")
-    self.reduce = _conv(self.mid_dim, 1, 1, "reduce", dtype)
-    self.reduce_bn = self._bn("reduce_bn")
-    self.expand = _conv(2 * filters, 1, 1, "expand", dtype)
-
-  def build(self, input_shape):
-    self.conv.build(_nhwc(_channels(input_shape)))
-    self.bn.build(_nhwc(2 * self.filters))
-    self.reduce.build(_nhwc(self.filters))
-    self.reduce_bn.build(_nhwc(self.mid_dim))
-    self.expand.build(_nhwc(self.mid_dim))
-
-  def call(self, inputs, training=False):
-    x = _apply_conv(self.conv, inputs)
-    x = ops.relu(self.bn(x, training=training))
-    a, b = x[..., :self.filters], x[..., self.filters:]
-    pooled = ops.mean(a + b, axis=(1, 2), keepdims=True)
-    z = ops.relu(self.reduce_bn(self.reduce(pooled), training=training))
-    logits = self.expand(z)
-    # softmax over the two branches == sigmoid of their logit difference.
-    weight_a = ops.sigmoid(logits[..., :self.filters] -
-                           logits[..., self.filters:])
-    return b + (a - b) * weight_a
-
-  def get_config(self) -> dict[str, Any]:
-    config = super().get_config()
-    config.update({
-        "filters": self.filters,
-        "strides": self.strides,
-        "sk_ratio": self.sk_ratio,
-        "min_dim": self.min_dim,
-    })
-    return config
-
-
-class SqueezeExcite(keras.layers.Layer):
-  """Squeeze-and-excitation gate (Hu et al. 2018, arXiv 1709.01507).
-
-  Global average pool, 1x1 conv (with bias) to max(1, int(filters *
-  se_ratio)) channels, ReLU, 1x1 conv (with bias) back to the input channels,
-  sigmoid, times the input. As in the official code, `filters` is the base
-  width of the block (a quarter of a bottleneck's output). Sublayers:
-  'reduce', 'expand'.
-
-  Args:
-    filters: width the reduction is relative to.
-    se_ratio: reduction ratio, in (0, 1].
-    **kwargs: Layer arguments.
-  """
-
-  def __init__(self, filters: int, se_ratio: float, **kwargs):
-    super().__init__(**kwargs)
-    if se_ratio <= 0:
-      raise ValueError(f"se_ratio must be positive. Received: "
-                       f"se_ratio={se_ratio}")
-    self.filters = filters
-    self.se_ratio = se_ratio
-    self.reduced_dim = max(1, int(filters * se_ratio))
-    self.reduce = keras.layers.Conv2D(
-        self.reduced_dim, 1, use_bias=True,
-        kernel_initializer=_conv_initializer(), name="reduce",
-        dtype=self.dtype_policy)
-    self.expand = None
-
-  def build(self, input_shape):
-    channels = _channels(input_shape)
-    # Created in build because its width is the input's.
-    self.expand = keras.layers.Conv2D(
-        channels, 1, use_bias=True, kernel_initializer=_conv_initializer(),
-        name="expand", dtype=self.dtype_policy)
-    self.reduce.build(_nhwc(channels))
-    self.expand.build(_nhwc(self.reduced_dim))
-
-  def call(self, inputs):
-    gate = ops.mean(inputs, axis=(1, 2), keepdims=True)
-    gate = self.expand(ops.relu(self.reduce(gate)))
-    return inputs * ops.sigmoid(gate)
-
-  def get_config(self) -> dict[str, Any]:
-    config = super().get_config()
-    config.update({"filters": self.filters, "se_ratio": self.se_ratio})
-    return config
-
-
-class ResidualBlock(_BNLayer):
-  """A basic (two 3x3) or bottleneck (1x1, 3x3, 1x1) residual block.
-
-  Sublayers: 'shortcut_conv', 'shortcut_bn' (projection only); 'conv_0',
-  'bn_0', 'conv_1', 'bn_1' and for bottlenecks 'conv_2', 'bn_2', where a
-  selective-kernel bottleneck has 'sk_1' in place of 'conv_1' and 'bn_1';
-  'se' with se_ratio > 0. The last batch norm has gamma initialised to 0.
-
-  Args:
-    filters: base width; a bottleneck outputs 4x as many channels.
-    strides: stride of the block (on its 3x3 convolution).
-    bottleneck: bottleneck (True) or basic (False) block.
-    use_projection: 1x1 projection shortcut instead of the identity.
-    resnet_d: ResNet-D projection shortcut (avg pool, then 1x1 conv).
-    sk_ratio: > 0 makes the 3x3 conv of a bottleneck a selective kernel.
-    se_ratio: > 0 adds squeeze-excitation before the residual sum.
-    **kwargs: batch-norm arguments of `_BNLayer` and Layer arguments.
-  """
-
-  def __init__(self, filters: int, strides: int = 1, bottleneck: bool = True,
-               use_projection: bool = False, resnet_d: bool = False,
-               sk_ratio: float = 0.0, se_ratio: float = 0.0, **kwargs):
-    super().__init__(**kwargs)
-    self.filters = filters
-    self.strides = strides
-    self.bottleneck = bottleneck
-    self.use_projection = use_projection
-    self.resnet_d = resnet_d
-    self.sk_ratio = sk_ratio
-    self.se_ratio = se_ratio
-    self.out_filters = filters * (BOTTLENECK_EXPANSION if bottleneck else 1)
-    dtype = self.dtype_policy
-    bn_args = {"batch_norm_decay": self.batch_norm_decay,
-               "batch_norm_epsilon": self.batch_norm_epsilon,
-               "global_bn": self.global_bn}
-
-    self.shortcut_conv = None
-    self.shortcut_bn = None
-    if use_projection:
-      # ResNet-D moves the stride into an average pool before the 1x1 conv.
-      self.shortcut_conv = _conv(self.out_filters, 1,
-                                 1 if resnet_d else strides, "shortcut_conv",
-                                 dtype)
-      self.shortcut_bn = self._bn("shortcut_bn")
-
-    self.use_sk = bottleneck and sk_ratio > 0
-    self.conv_2 = self.bn_2 = self.sk_1 = self.conv_1 = self.bn_1 = None
-    if bottleneck:
-      self.conv_0 = _conv(filters, 1, 1, "conv_0", dtype)
-      self.bn_0 = self._bn("bn_0")
-      if self.use_sk:
-        self.sk_1 = SelectiveKernel(filters, strides, sk_ratio, name="sk_1",
-                                    dtype=dtype, **bn_args)
-      else:
-        self.conv_1 = _conv(filters, 3, strides, "conv_1", dtype)
-        self.bn_1 = self._bn("bn_1")
-      self.conv_2 = _conv(self.out_filters, 1, 1, "conv_2", dtype)
-      self.bn_2 = self._bn("bn_2", zero_init=True)
-    else:
-      self.conv_0 = _conv(filters, 3, strides, "conv_0", dtype)
-      self.bn_0 = self._bn("bn_0")
-      self.conv_1 = _conv(filters, 3, 1, "conv_1", dtype)
-      self.bn_1 = self._bn("bn_1", zero_init=True)
-    self.se = (SqueezeExcite(filters, se_ratio, name="se", dtype=dtype)
-               if se_ratio > 0 else None)
-
-  def build(self, input_shape):
-    channels = _channels(input_shape)
-    if self.use_projection:
-      self.shortcut_conv.build(_nhwc(channels))
-      self.shortcut_bn.build(_nhwc(self.out_filters))
-    self.conv_0.build(_nhwc(channels))
-    self.bn_0.build(_nhwc(self.filters))
-    if self.use_sk:
-      self.sk_1.build(_nhwc(self.filters))
-    else:
-      self.conv_1.build(_nhwc(self.filters))
-      self.bn_1.build(_nhwc(self.filters))
-    if self.bottleneck:
-      self.conv_2.build(_nhwc(self.filters))
-      self.bn_2.build(_nhwc(self.out_filters))
-    if self.se is not None:
-      self.se.build(_nhwc(self.out_filters))
-
-  def _shortcut(self, x, training):
-    if not self.use_projection:
-      return x
-    if self.resnet_d:
-      if self.strides > 1:
-        # Official: pad one row/column after, then a VALID 2x2 pool.
-        x = ops.pad(x, [[0, 0], [0, 1], [0, 1], [0, 0]])
-        x = ops.average_pool(x, 2, self.strides, padding="valid")
-      else:
-        # Official (stride-1 projection of block group 1): 2x2 SAME pool.
-        x = ops.average_pool(x, 2, 1, padding="same")
-      x = self.shortcut_conv(x)
-    else:
-      x = _apply_conv(self.shortcut_conv, x)
-    return self.shortcut_bn(x, training=training)
-
-  def call(self, inputs, training=False):
-    shortcut = self._shortcut(inputs, training)
-    x = ops.relu(self.bn_0(_apply_conv(self.conv_0, inputs),
-                           training=training))
-    if self.bottleneck:
-      if self.use_sk:
-        x = self.sk_1(x, training=training)
-      else:
-        x = ops.relu(self.bn_1(_apply_conv(self.conv_1, x),
-                               training=training))
-      x = self.bn_2(self.conv_2(x), training=training)
-    else:
-      x = self.bn_1(self.conv_1(x), training=training)
-    if self.se is not None:
-      x = self.se(x)
-    return ops.relu(x + shortcut)
-
-  def get_config(self) -> dict[str, Any]:
-    config = super().get_config()
-    config.update({
-        "filters": self.filters,
-        "strides": self.strides,
-        "bottleneck": self.bottleneck,
-        "use_projection": self.use_projection,
-        "resnet_d": self.resnet_d,
-        "sk_ratio": self.sk_ratio,
-        "se_ratio": self.se_ratio,
-    })
-    return config
-
-
-class BlockGroup(_BNLayer):
+class BlockGroup(BNLayer):
   """`num_blocks` residual blocks 'block_0', 'block_1', ...; the first strides
   and has the projection shortcut.
 
@@ -397,7 +63,7 @@ class BlockGroup(_BNLayer):
     num_blocks: number of blocks.
     strides: stride of the first block.
     bottleneck, resnet_d, sk_ratio, se_ratio: as in `ResidualBlock`.
-    **kwargs: batch-norm arguments of `_BNLayer` and Layer arguments.
+    **kwargs: batch-norm arguments of `BNLayer` and Layer arguments.
   """
 
   def __init__(self, filters: int, num_blocks: int, strides: int = 1,
@@ -435,9 +101,9 @@ class BlockGroup(_BNLayer):
     return self.blocks[0].out_filters
 
   def build(self, input_shape):
-    channels = _channels(input_shape)
+    channels = num_channels(input_shape)
     for block in self.blocks:
-      block.build(_nhwc(channels))
+      block.build(nhwc(channels))
       channels = block.out_filters
 
   def call(self, inputs, training=False):
@@ -460,7 +126,7 @@ class BlockGroup(_BNLayer):
     return config
 
 
-class Stem(_BNLayer):
+class Stem(BNLayer):
   """The layers before the first block group.
 
   * cifar_stem: 3x3 stride-1 conv 'conv_0' + 'bn_0' + ReLU, no max pool.
@@ -478,7 +144,7 @@ class Stem(_BNLayer):
     filters: output channels (64 x width multiplier).
     cifar_stem: the CIFAR stem.
     resnet_d: the ResNet-D stem (ignored with cifar_stem, as officially).
-    **kwargs: batch-norm arguments of `_BNLayer` and Layer arguments.
+    **kwargs: batch-norm arguments of `BNLayer` and Layer arguments.
   """
 
   def __init__(self, filters: int = 64, cifar_stem: bool = False,
@@ -494,21 +160,21 @@ class Stem(_BNLayer):
       specs = [(filters // 2, 3, 2), (filters // 2, 3, 1), (filters, 3, 1)]
     else:
       specs = [(filters, 7, 2)]
-    self.convs = [_conv(f, k, s, f"conv_{i}", dtype)
+    self.convs = [make_conv(f, k, s, f"conv_{i}", dtype)
                   for i, (f, k, s) in enumerate(specs)]
     self.bns = [self._bn(f"bn_{i}") for i in range(len(specs))]
 
   def build(self, input_shape):
-    channels = _channels(input_shape)
+    channels = num_channels(input_shape)
     for conv, bn in zip(self.convs, self.bns):
-      conv.build(_nhwc(channels))
+      conv.build(nhwc(channels))
       channels = conv.filters
-      bn.build(_nhwc(channels))
+      bn.build(nhwc(channels))
 
   def call(self, inputs, training=False):
     x = inputs
     for conv, bn in zip(self.convs, self.bns):
-      initial_conv = _apply_conv(conv, x)
+      initial_conv = apply_conv(conv, x)
       x = ops.relu(bn(initial_conv, training=training))
     if not self.cifar_stem:
       x = ops.max_pool(x, 3, 2, padding="same")
@@ -524,7 +190,7 @@ class Stem(_BNLayer):
     return config
 
 
-class ResNet(_BNLayer):
+class ResNet(BNLayer):
   """The SimCLRv2 ResNet encoder (a Keras layer, NHWC).
 
   Variable paths are `{name}/stem/conv_0/kernel`,
@@ -617,11 +283,11 @@ class ResNet(_BNLayer):
     if len(input_shape) != 4:
       raise ValueError(f"ResNet expects [batch, height, width, channels] "
                        f"images. Received: input_shape={tuple(input_shape)}")
-    channels = _channels(input_shape)
-    self.stem.build(_nhwc(channels))
+    channels = num_channels(input_shape)
+    self.stem.build(nhwc(channels))
     channels = self.stem.filters
     for group in self.block_groups:
-      group.build(_nhwc(channels))
+      group.build(nhwc(channels))
       channels = group.out_filters
 
   def call(self, images, training=False):

@@ -16,10 +16,6 @@ from simclr_tf.config import ModelConfig
 from simclr_tf.models.heads import ProjectionHead, SupervisedHead
 from simclr_tf.models.resnet import ResNet
 
-BACKBONE_OUTPUTS = ("initial_conv", "initial_max_pool", "block_group1",
-                    "block_group2", "block_group3", "block_group4",
-                    "final_avg_pool")
-
 
 def proj_layer_key(j: int) -> str:
   """Output key of projection-head layer j (1-based)."""
@@ -86,6 +82,29 @@ class SimCLR(keras.Model):
 
 def build_model(model_config: ModelConfig, image_size: int) -> SimCLR:
   return SimCLR(model_config).build_for(image_size)
+
+
+def build_float32(model_config: ModelConfig, image_size: int,
+                  name: str = "simclr") -> SimCLR:
+  """A float32 model with per-replica batch norm, whatever the dtype policy.
+
+  What exports compute and what loaders rebuild, whatever precision the
+  run trains in.
+
+  Args:
+    model_config: the architecture (`global_bn` is turned off).
+    image_size: input size, to create the variables.
+    name: the model's name (the first part of every variable path).
+  Returns:
+    The built model.
+  """
+  saved = keras.config.dtype_policy()
+  keras.config.set_dtype_policy("float32")
+  try:
+    return SimCLR(dataclasses.replace(model_config, global_bn=False),
+                  name=name).build_for(image_size)
+  finally:
+    keras.config.set_dtype_policy(saved)
 
 
 def freeze_before_block(model: SimCLR, fine_tune_after_block: int) -> None:

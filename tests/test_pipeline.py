@@ -1,4 +1,4 @@
-"""Tests of simclr_tf.data.datasets on the bundled sample and mocked TFDS."""
+"""Tests of simclr_tf.data.pipeline on the bundled sample and mocked TFDS."""
 
 import collections
 import hashlib
@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from simclr_tf import config as config_lib
-from simclr_tf.data import datasets
+from simclr_tf.data import pipeline
+from simclr_tf.data import sources
 
 SAMPLE = config_lib.BUNDLED_DATASET
 
@@ -20,7 +21,7 @@ def _build(**kwargs):
   args = dict(dataset=SAMPLE, data_dir="", split="train", stage="pretrain",
               image_size=32, batch_size=16)
   args.update(kwargs)
-  return datasets.build_dataset(**args)
+  return pipeline.build_dataset(**args)
 
 
 def _take(ds, n):
@@ -38,15 +39,6 @@ def _assert_batches_equal(a, b):
 def _hashes(batches):
   return [hashlib.sha1(image.tobytes()).hexdigest()
           for batch in batches for image in batch["image"]]
-
-
-def test_bundled_sample_info():
-  info = datasets.get_info(SAMPLE, "/ignored", "train", "test")
-  assert info.num_classes == 10 and len(info.class_names) == 10
-  assert info.class_names[0] == "airplane" and info.class_names[-1] == "truck"
-  assert info.num_train_examples == 500 and info.num_eval_examples == 200
-  info = datasets.get_info(SAMPLE, "", "train", "nosplit", label_fraction=0.1)
-  assert info.num_train_examples == 50 and info.num_eval_examples == 0
 
 
 def test_pretrain_elements():
@@ -125,7 +117,7 @@ def test_label_fraction(tmp_path):
   _build(stage="finetune", label_fraction=0.1, seed=4, subset_file=str(other))
   assert other.read_text() != subset.read_text()
   # At least one example per class.
-  tiny = datasets.select_label_fraction(np.repeat(np.arange(3), 4), 0.01, 0)
+  tiny = sources.select_label_fraction(np.repeat(np.arange(3), 4), 0.01, 0)
   assert len(tiny) == 3
 
 
@@ -162,59 +154,51 @@ def test_unlabeled_folder(tmp_path):
     size = (10 + i, 20 - i)
     Image.fromarray(rng.randint(0, 256, size + (3,)).astype(np.uint8)).save(
         path)
-  info = datasets.get_info("image_folder", str(tmp_path), "train", "test")
+  info = sources.get_info("image_folder", str(tmp_path), "train", "test")
   assert info.num_classes == 0 and info.num_train_examples == 6
   assert info.num_eval_examples == 0
-  batch = _take(datasets.build_dataset(
+  batch = _take(pipeline.build_dataset(
       dataset="image_folder", data_dir=str(tmp_path), split="train",
       stage="pretrain", image_size=16, batch_size=4), 1)[0]
   assert (batch["label"] == -1).all() and batch["view1"].shape == (4, 16, 16, 3)
 
 
 def test_errors(tmp_path):
-  with pytest.raises(ValueError, match="is unknown"):
-    datasets.get_info("no_such_dataset_xyz", "", "train", "test")
-  with pytest.raises(ValueError, match="needs --data_dir"):
-    datasets.get_info("image_folder", "", "train", "test")
-  with pytest.raises(ValueError, match="has no 'train' folder"):
-    datasets.get_info("image_folder", str(tmp_path), "train", "test")
-  with pytest.raises(ValueError, match="does not exist"):
-    datasets.get_info("image_folder", str(tmp_path / "x"), "train", "test")
   with pytest.raises(ValueError, match="stage="):
     _build(stage="train")
   with pytest.raises(ValueError, match="not prepared"):
-    datasets.build_dataset(dataset="cifar10", data_dir=str(tmp_path),
+    pipeline.build_dataset(dataset="cifar10", data_dir=str(tmp_path),
                            split="train", stage="eval", image_size=32,
                            batch_size=4)
 
 
 def test_tfds_with_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=40):
-    info = datasets.get_info("cifar10", str(tmp_path), "train", "test")
+    info = sources.get_info("cifar10", str(tmp_path), "train", "test")
     assert info.num_classes == 10 and len(info.class_names) == 10
     assert info.num_train_examples == 40 and info.num_eval_examples == 40
     common = dict(dataset="cifar10", data_dir=str(tmp_path), split="train",
                   image_size=32, batch_size=8)
-    pre = datasets.build_dataset(stage="pretrain", **common)
+    pre = pipeline.build_dataset(stage="pretrain", **common)
     batches = _take(pre, 7)
     assert batches[0]["view1"].shape == (8, 32, 32, 3)
     assert batches[0]["label"].dtype == np.int32
-    resumed = _take(datasets.build_dataset(stage="pretrain", start_step=5,
+    resumed = _take(pipeline.build_dataset(stage="pretrain", start_step=5,
                                            **common), 2)
     _assert_batches_equal(batches[5:], resumed)
     # Streamed without a cache.
-    streamed = datasets.build_dataset(stage="finetune", cache=False, **common)
+    streamed = pipeline.build_dataset(stage="finetune", cache=False, **common)
     a = _take(streamed, 6)
     assert a[0]["image"].shape == (8, 32, 32, 3)
-    _assert_batches_equal(a[4:], _take(datasets.build_dataset(
+    _assert_batches_equal(a[4:], _take(pipeline.build_dataset(
         stage="finetune", cache=False, start_step=4, **common), 2))
     # Label fraction: example indices, at least one per class.
     subset = tmp_path / "subset.txt"
-    datasets.build_dataset(stage="finetune", label_fraction=0.25,
+    pipeline.build_dataset(stage="finetune", label_fraction=0.25,
                            subset_file=str(subset), **common)
     indices = [int(x) for x in subset.read_text().split()]
     assert indices == sorted(indices) and 10 <= len(indices) < 40
-    ev = _take(datasets.build_dataset(
+    ev = _take(pipeline.build_dataset(
         stage="eval", **dict(common, split="test")), 10)
     assert sum(len(b["label"]) for b in ev) == 40
     assert all(b["image"].min() >= 0 and b["image"].max() <= 1 for b in ev)

@@ -1,0 +1,97 @@
+"""The checks `runner.run` makes before building a model: data, exports and
+model_dir. Each is one line naming the flag; nothing is trained or written.
+
+(The command line turns them into exit status 2: `test_run_cli.py`.)
+"""
+
+import os
+import re
+
+import pytest
+import tensorflow as tf
+
+from simclr_tf import runner
+from simclr_tf.config import Config, ConfigError, ModelConfig
+from simclr_tf.models import simclr as simclr_lib
+from tf_hub_export import export as export_lib
+
+# {name} is filled in by the test (see _placeholders).
+BAD_RUNS = [
+    ({"dataset": "no_such_dataset"}, "--dataset='no_such_dataset' is unknown"),
+    ({"dataset": "image_folder", "data_dir": "/nonexistent/folder"},
+     "--data_dir=/nonexistent/folder does not exist"),
+    ({"dataset": "image_folder"}, "--dataset=image_folder needs --data_dir"),
+    ({"train_batch_size": 100000}, "--train_batch_size=100000 is larger"),
+    ({"train_mode": "finetune", "label_fraction": 0.001},
+     "--train_batch_size=128 is larger than the 10 training examples"),
+    ({"init_from": "/nonexistent/export"},
+     "--init_from='/nonexistent/export' is not a SavedModel"),
+    ({"train_mode": "distill", "teacher": "/nonexistent/teacher"},
+     "--teacher='/nonexistent/teacher' is not a SavedModel"),
+    ({"model_dir": "{file}"}, "--model_dir='{file}' is not writable (a file"),
+    ({"model_dir": "{file}/sub"}, "is not writable (Not a directory)"),
+    ({"init_from": "{foreign}"},
+     "--init_from='{foreign}' is a SavedModel not written by simclr-tf"),
+    ({"train_mode": "distill", "teacher": "{foreign}"},
+     "--teacher='{foreign}' is a SavedModel not written by simclr-tf"),
+    ({"init_from": "{export3}", "resnet_depth": 34},
+     "--resnet_depth=34 does not match the --init_from export"),
+    ({"init_from": "{export3}", "image_size": 64},
+     "--image_size=64 does not match the --init_from export"),
+    ({"train_mode": "distill", "teacher": "{export0}"},
+     "--teacher='{export0}' has no 'logits_sup' output"),
+    ({"train_mode": "distill", "teacher": "{export3}"},
+     "predicts 3 classes but --dataset=cifar10_sample has 10"),
+    ({"mode": "eval"}, "--mode=eval found no checkpoint"),
+]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+  """A foreign SavedModel and two tiny exports of ours (0 and 3 classes)."""
+  root = tmp_path_factory.mktemp("exports")
+  foreign = tf.Module()
+  foreign.f = tf.function(tf.identity, input_signature=[tf.TensorSpec([None])])
+  tf.saved_model.save(foreign, str(root / "foreign"))
+  paths = {"foreign": str(root / "foreign")}
+  for classes in (0, 3):
+    config = ModelConfig(proj_out_dim=32, num_classes=classes,
+                         proj_layers_kept=1 if classes else None,
+                         sup_head_input=1 if classes else 0)
+    path = str(root / f"export{classes}")
+    export_lib.export_saved_model(simclr_lib.build_model(config, 32), path, 32,
+                                  class_names="abc"[:classes])
+    paths[f"export{classes}"] = path
+  return paths
+
+
+def _placeholders(changes, request, tmp_path) -> dict:
+  """Values of the {name} placeholders that `changes` uses."""
+  text = " ".join(str(v) for v in changes.values())
+  names = set(re.findall(r"\{(\w+)\}", text))
+  values = {}
+  if names - {"file"}:
+    values.update(request.getfixturevalue("exports"))
+  if "file" in names:
+    values["file"] = str(tmp_path / "a_file")
+    (tmp_path / "a_file").write_text("not a folder")
+  return values
+
+
+@pytest.mark.parametrize(
+    "changes, expected", BAD_RUNS,
+    ids=[" ".join(f"{k}={v}" for k, v in c.items()) for c, _ in BAD_RUNS])
+def test_bad_runs_fail_with_one_line_before_training(changes, expected,
+                                                      tmp_path, request):
+  values = _placeholders(changes, request, tmp_path)
+  changes = {k: v.format(**values) if isinstance(v, str) else v
+             for k, v in changes.items()}
+  model_dir = changes.pop("model_dir", str(tmp_path / "run"))
+  cfg = Config(model_dir=model_dir, precision="float32", **changes)
+  with pytest.raises(ConfigError) as err:
+    runner.run(cfg)
+  assert expected.format(**values) in str(err.value)
+  assert "\n" not in str(err.value)
+  # Nothing was trained or exported.
+  assert not os.path.exists(os.path.join(model_dir, "checkpoints"))
+  assert not os.path.exists(os.path.join(model_dir, "saved_model"))
