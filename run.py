@@ -39,11 +39,14 @@ _ENUMS = {
     "learning_rate_scaling": config_lib.LR_SCALINGS,
     "precision": config_lib.PRECISIONS,
     "strategy": config_lib.STRATEGIES,
+    "output_format": config_lib.OUTPUT_FORMATS,
 }
 
 _HELP = {
-    "mode": "train, eval (on the latest checkpoint or --init_from), or "
-            "train_then_eval.",
+    "mode": "train, eval (on the latest checkpoint or --init_from), "
+            "train_then_eval, or embed / predict (apply the --init_from "
+            "export to the images of --data_dir/--eval_split: "
+            "embeddings.npy or predictions.csv in --model_dir).",
     "train_mode": "pretrain (contrastive), finetune (labeled subset) or "
                   "distill (teacher's soft labels on unlabeled images).",
     "model_dir": "Where checkpoints, TensorBoard logs, result.json, "
@@ -123,6 +126,14 @@ _HELP = {
     "checkpoint_epochs": "Checkpoint every N epochs.",
     "keep_checkpoint_max": "Checkpoints kept.",
     "log_images": "Write a few augmented pairs to TensorBoard at the start.",
+    "knn_eval_epochs": "Pretraining: every N epochs, log the kNN top-1 (k=200, "
+                       "cosine) of the eval split's encoder features against "
+                       "the train split's; -1: every 10 epochs when the data "
+                       "has labels; 0: off.",
+    "knn_max_examples": "At most this many train (and eval) images for the "
+                        "kNN monitor, spread over the split.",
+    "output_format": "--mode=embed: npy (embeddings.npy + "
+                     "embeddings_files.txt) or csv (embeddings.csv).",
     "strategy": "auto (TPU with --tpu, mirrored with several GPUs, else one "
                 "device), one_device, mirrored, multi_worker_mirrored "
                 "(reads TF_CONFIG) or tpu.",
@@ -199,6 +210,13 @@ def _setup_logging() -> None:
     ours.addHandler(handler)
 
 
+def format_result(result: dict) -> str:
+  """One line per value, for the console."""
+  return "\n".join(["Result:"] + [
+      f"  {k}: {f'{v:.4f}' if isinstance(v, float) else v}"
+      for k, v in result.items()])
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag "
@@ -212,14 +230,18 @@ def main(argv):
   distribute.split_cpu(cfg.cpu_replicas)
   from simclr_tf import callbacks  # pylint: disable=g-import-not-at-top
   from simclr_tf import checkpoints  # pylint: disable=g-import-not-at-top
+  from simclr_tf import inference  # pylint: disable=g-import-not-at-top
   from simclr_tf import runner  # pylint: disable=g-import-not-at-top
   try:
-    result = runner.run(cfg)
-  except config_lib.ConfigError as e:
+    if cfg.mode in config_lib.INFERENCE_MODES:
+      result = inference.run_config(cfg)
+    else:
+      result = runner.run(cfg)
+  except (config_lib.ConfigError, inference.InferenceError) as e:
     _fail(str(e))
   except (callbacks.NonFiniteLossError, checkpoints.CheckpointWriteError) as e:
     _fail(str(e), EXIT_TRAINING_FAILED)
-  print(runner.format_result(result))
+  print(format_result(result))
   if result.get("preempted"):
     sys.exit(EXIT_PREEMPTED)
 

@@ -15,7 +15,10 @@ from typing import Any, Optional
 
 from simclr_tf import stages
 
-MODES = ("train", "eval", "train_then_eval")
+MODES = ("train", "eval", "train_then_eval", "embed", "predict")
+# Modes that apply an export to image files and train nothing.
+INFERENCE_MODES = ("embed", "predict")
+OUTPUT_FORMATS = ("npy", "csv")
 TRAIN_MODES = tuple(stages.STAGES)
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 PROJ_HEAD_MODES = ("nonlinear", "linear", "none")
@@ -177,6 +180,11 @@ class Config:
   keep_checkpoint_max: int = 5
   log_images: bool = True
 
+  # Monitoring and inference.
+  knn_eval_epochs: int = -1
+  knn_max_examples: int = 10000
+  output_format: str = "npy"
+
   # Distribution.
   strategy: str = "auto"
   tpu: str = ""
@@ -233,6 +241,20 @@ def validate(cfg: Config) -> Config:
                 LR_SCALINGS)
   _check_choice("precision", cfg.precision, PRECISIONS)
   _check_choice("strategy", cfg.strategy, STRATEGIES)
+  _check_choice("output_format", cfg.output_format, OUTPUT_FORMATS)
+  _check_range("knn_eval_epochs", cfg.knn_eval_epochs, -1, None,
+               fix="use -1 (auto), 0 (off) or a number of epochs.")
+  _check_range("knn_max_examples", cfg.knn_max_examples, 1, None)
+  if cfg.mode in INFERENCE_MODES:
+    if not cfg.init_from:
+      raise ConfigError(
+          f"--mode={cfg.mode} needs --init_from=EXPORT (a saved_model/ of a "
+          "stage, or one written by tf_hub_export.import_official).")
+    if cfg.dataset not in (BUNDLED_DATASET, IMAGE_FOLDER):
+      raise ConfigError(
+          f"--mode={cfg.mode} reads image files: use --dataset=image_folder "
+          f"--data_dir=ROOT (images under ROOT/{cfg.eval_split}/, the "
+          f"--eval_split), not --dataset={cfg.dataset}.")
   if not whole_channels(cfg.width_multiplier):
     raise ConfigError(
         f"--width_multiplier={cfg.width_multiplier!r} does not give whole "

@@ -30,12 +30,12 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from simclr_tf.config import OUTPUT_FORMATS
 from simclr_tf.data import augment
 from simclr_tf.data import folder as folder_lib
 
 log = logging.getLogger("simclr_tf")
 
-OUTPUT_FORMATS = ("npy", "csv")
 TOP_K = 5
 EMBED_OUTPUT = "final_avg_pool"
 
@@ -244,7 +244,12 @@ def run(mode: str, export: str, data_dir: str, split: str, model_dir: str,
 
 def run_config(cfg) -> Optional[dict]:
   """`run` with the values of a `simclr_tf.config.Config`."""
-  return run(cfg.mode, cfg.init_from, cfg.data_dir, cfg.eval_split,
+  # pylint: disable=g-import-not-at-top
+  from simclr_tf import config as config_lib
+  from simclr_tf.data import sources
+  data_dir = (sources.bundled_sample_dir()
+              if cfg.dataset == config_lib.BUNDLED_DATASET else cfg.data_dir)
+  return run(cfg.mode, cfg.init_from, data_dir, cfg.eval_split,
              cfg.model_dir, output_format=cfg.output_format,
              batch_size=cfg.eval_batch_size,
              strict=cfg.strict_data).summary()

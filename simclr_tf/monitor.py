@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import keras
@@ -137,3 +138,56 @@ class KnnMonitor(keras.callbacks.Callback):
       if logs is not None:
         logs["knn_top1"] = top1
     self._last = step
+
+
+# === Wiring into a run ========================================================
+
+DEFAULT_KNN_EVAL_EPOCHS = 10      # what --knn_eval_epochs=-1 (auto) means
+
+
+def strided_eval_dataset(cfg, split: str, num_examples: int,
+                         max_examples: int):
+  """At most `max_examples` of `split`, every s-th one, in eval form.
+
+  Image folders list examples by class, so a prefix would hold the first
+  classes only; every s-th example keeps all classes in proportion, and only
+  those are read and decoded (the pipeline shards at the source).
+  """
+  # pylint: disable=g-import-not-at-top
+  from simclr_tf.data import pipeline
+  stride = max(1, -(-num_examples // max_examples))
+  context = tf.distribute.InputContext(num_input_pipelines=stride,
+                                       input_pipeline_id=0,
+                                       num_replicas_in_sync=1)
+  return pipeline.build_dataset(
+      dataset=cfg.dataset, data_dir=cfg.data_dir, split=split, stage="eval",
+      image_size=cfg.image_size, batch_size=cfg.eval_batch_size, cache=False,
+      input_context=context, strict=cfg.strict_data)
+
+
+def knn_callbacks(cfg, plan, net, chief: bool) -> list:
+  """[KnnMonitor] when the stage and data allow it, else [].
+
+  On by default (--knn_eval_epochs=-1: every DEFAULT_KNN_EVAL_EPOCHS
+  epochs) when the data has labels and an eval split; on the chief only.
+  """
+  # pylint: disable=g-import-not-at-top
+  from simclr_tf import stages
+  epochs = (DEFAULT_KNN_EVAL_EPOCHS if cfg.knn_eval_epochs < 0
+            else cfg.knn_eval_epochs)
+  info = plan.info
+  if (not chief or not epochs or not stages.get(cfg.train_mode).monitor or
+      not info.num_classes or not info.num_eval_examples):
+    return []
+  bank_size = min(cfg.knn_max_examples, info.num_train_examples)
+
+  def make_datasets():
+    return (strided_eval_dataset(cfg, cfg.train_split,
+                                 info.num_train_examples, bank_size),
+            strided_eval_dataset(cfg, cfg.eval_split, info.num_eval_examples,
+                                 cfg.knn_max_examples))
+
+  writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "train"))
+  return [KnnMonitor(net, make_datasets, info.num_classes,
+                     every_steps=epochs * plan.steps_per_epoch,
+                     max_train_examples=bank_size, writer=writer)]

@@ -86,3 +86,28 @@ def write_projector(log_dir: str, features: np.ndarray, labels: np.ndarray,
     embedding.sprite.single_image_dim.extend([THUMBNAIL, THUMBNAIL])
   projector.visualize_embeddings(log_dir, config)
   return os.path.join(log_dir, "projector_config.pbtxt")
+
+
+def write_run_projector(cfg, plan, net) -> str:
+  """The projector view of up to MAX_POINTS eval images of a run.
+
+  Written into model_dir/eval (with a one-line text summary, so that
+  TensorBoard lists the folder as a run even without eval scalars).
+  """
+  # pylint: disable=g-import-not-at-top
+  from simclr_tf import monitor
+  info = plan.info
+  if not info.num_eval_examples:
+    return ""
+  ds = monitor.strided_eval_dataset(cfg, cfg.eval_split,
+                                    info.num_eval_examples, MAX_POINTS)
+  features, labels, images = monitor.features(net, ds, MAX_POINTS,
+                                              keep_images=MAX_POINTS)
+  log_dir = os.path.join(cfg.model_dir, "eval")
+  path = write_projector(log_dir, features, labels, info.class_names, images)
+  writer = tf.summary.create_file_writer(log_dir)
+  with writer.as_default():
+    tf.summary.text("projector", f"{len(features)} {cfg.eval_split} images, "
+                    "final_avg_pool: see the Projector tab.", step=0)
+  writer.flush()
+  return path

@@ -24,6 +24,8 @@ from simclr_tf import callbacks as cb
 from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
 from simclr_tf import distribute
+from simclr_tf import monitor
+from simclr_tf import projector
 from simclr_tf import stages
 from simclr_tf import tasks as tasks_lib
 from simclr_tf.config import Config, ConfigError, ModelConfig
@@ -340,6 +342,7 @@ def train(cfg: Config, plan: Plan, strategy, learner, schedule, manager,
     callbacks.append(cb.Summaries(os.path.join(cfg.model_dir, "train"),
                                   every_steps=min(50, plan.chunk_steps),
                                   learning_rate=schedule))
+  callbacks += monitor.knn_callbacks(cfg, plan, learner.net, chief)
   epochs = math.ceil(plan.total_steps / plan.chunk_steps)
   try:
     learner.fit(data, epochs=epochs, initial_epoch=step // plan.chunk_steps,
@@ -434,16 +437,11 @@ def run(cfg: Config) -> dict:
     result.update(evaluate(cfg, strategy, learner, step, chief))
   if chief:
     result["export"] = export(cfg, plan, learner, step)
+    if cfg.mode == "eval" or stages.get(cfg.train_mode).monitor:
+      result["projector"] = projector.write_run_projector(cfg, plan,
+                                                          learner.net)
     write_atomic(os.path.join(cfg.model_dir, RESULT_FILE),
                  json.dumps(result, indent=2))
   distribute.barrier(strategy)   # workers leave after the chief's export
   return result
 
-
-def format_result(result: dict) -> str:
-  """One line per value, for the console."""
-  lines = ["Result:"]
-  for key, value in result.items():
-    shown = f"{value:.4f}" if isinstance(value, float) else value
-    lines.append(f"  {key}: {shown}")
-  return "\n".join(lines)

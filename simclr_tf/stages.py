@@ -31,6 +31,8 @@ class Stage:
     whole_proj_head: keeps the whole projection head and trains the
       supervised head on a stop-gradient input; otherwise the head is cut
       at --ft_proj_selector and the supervised head trains the encoder.
+    monitor: the online kNN monitor (--knn_eval_epochs) and, at the end,
+      a TensorBoard projector view of the eval features.
   """
 
   name: str
@@ -41,11 +43,12 @@ class Stage:
   freezes: bool = True
   two_views: bool = False
   whole_proj_head: bool = False
+  monitor: bool = False
 
 
 STAGES = {
     "pretrain": Stage("pretrain", memory=True, freezes=False, two_views=True,
-                      whole_proj_head=True),
+                      whole_proj_head=True, monitor=True),
     "finetune": Stage("finetune", needs_labels=True, label_fraction=True),
     "distill": Stage("distill", teacher=True),
 }
@@ -56,6 +59,8 @@ STAGE_FLAGS = (
     ("teacher", "teacher", ""),
     ("memory_size", "memory", 0),
     ("fine_tune_after_block", "freezes", -1),
+    ("knn_eval_epochs", "monitor", -1),
+    ("knn_max_examples", "monitor", 10000),
 )
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import tensorflow as tf
 
 from simclr_tf import losses
+from simclr_tf import monitor
 
 
 def num_replicas() -> int:
@@ -83,7 +84,7 @@ class Pretrain:
   """NT-Xent on two views (SimCLR eq. 1) + optional linear evaluation head."""
 
   metric_names = ("loss", "contrast_loss", "contrast_acc", "contrast_entropy",
-                  "sup_loss", "sup_acc")
+                  "proj_std", "sup_loss", "sup_acc")
 
   def __init__(self, temperature: float, hidden_norm: bool = True,
                memory=None):
@@ -120,7 +121,9 @@ class Pretrain:
     loss = global_mean(con.loss)
     metrics = {"contrast_loss": con.loss,
                "contrast_acc": stats["accuracy"],
-               "contrast_entropy": stats["entropy"]}
+               "contrast_entropy": stats["entropy"],
+               # ~1/sqrt(d) while healthy, 0 when collapsed.
+               "proj_std": monitor.collapse_std(z1)}
     if self.memory is not None:
       metrics["memory_fill"] = self.memory.fill_level()
     if "logits_sup" in outputs:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from simclr_tf import inference
 from simclr_tf.config import ModelConfig
 from simclr_tf.data import augment, folder
@@ -115,3 +115,24 @@ def test_predict_needs_a_supervised_head(images, tmp_path):
   export_saved_model(model, out, 32)
   with pytest.raises(inference.InferenceError, match="no supervised head"):
     inference.run("predict", out, images, "test", str(tmp_path / "o"))
+
+
+def test_command_line_predict_and_a_foreign_export(export_dir, images,
+                                                   tmp_path):
+  ok = run_cli("--mode=predict", f"--init_from={export_dir}",
+               "--dataset=image_folder", f"--data_dir={images}",
+               f"--model_dir={tmp_path / 'p'}")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert len(open(tmp_path / "p" / "predictions.csv").readlines()) == 13
+  foreign = str(tmp_path / "foreign")
+  module = tf.Module()
+  module.f = tf.function(lambda x: x, input_signature=[tf.TensorSpec([None])])
+  tf.saved_model.save(module, foreign)
+  for export in (foreign, str(tmp_path / "missing")):
+    bad = run_cli("--mode=embed", f"--init_from={export}",
+                  "--dataset=image_folder", f"--data_dir={images}",
+                  f"--model_dir={tmp_path / 'e'}")
+    assert bad.returncode == 2
+    errors = [l for l in bad.stderr.splitlines() if l.startswith("run.py: ")]
+    assert len(errors) == 1 and export in errors[0], bad.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "e" / "embeddings.npy")

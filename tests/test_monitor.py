@@ -1,6 +1,7 @@
 """Online kNN monitor and the collapse metric (simclr_tf.monitor)."""
 
 import math
+import os
 
 import keras
 import numpy as np
@@ -75,3 +76,29 @@ def test_monitor_evaluates_every_n_steps_and_logs(tmp_path):
     assert ("knn_top1" in logs) == (step % 3 == 0), step
   assert [s for s, _ in callback.history] == [3, 6]
   assert tf.io.gfile.listdir(str(tmp_path))
+
+
+def test_pretraining_logs_knn_collapse_and_writes_the_projector(tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from simclr_tf import runner
+  from simclr_tf.config import Config
+  cfg = Config(model_dir=str(tmp_path / "pre"), resnet_depth=18,
+               width_multiplier=0.25, image_size=32, train_batch_size=100,
+               eval_batch_size=100, train_epochs=2, log_images=False,
+               proj_out_dim=16, cache_dataset=False, precision="float32",
+               mode="train_then_eval", knn_eval_epochs=1,
+               knn_max_examples=250)
+  result = runner.run(cfg)
+  tags = {}
+  for path in tf.io.gfile.glob(str(tmp_path / "pre" / "train" / "events*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        tags.setdefault(value.tag, []).append(event.step)
+  assert tags["knn_top1"] == [5, 10]          # 500 images / 100 = 5 steps
+  assert any("proj_std" in t for t in tags), sorted(tags)
+  config = result["projector"]
+  assert config.endswith("projector_config.pbtxt") and os.path.exists(config)
+  rows = open(tmp_path / "pre" / "eval" / "metadata.tsv").read().split()
+  sample = os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                        "simclr_tf", "data", "cifar10_sample", "test")
+  assert len(rows) == 200 and set(rows) == set(os.listdir(sample))
