@@ -34,35 +34,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-from simclr_tf.config import ModelConfig, whole_channels
-from simclr_tf.models import resnet as resnet_lib
+from tf_hub_export.official_arch import infer_model_config  # noqa: F401
+from tf_hub_export.official_layouts import (VALUE_SUFFIX, OfficialFormatError,
+                                            map_tf1, map_tf2)
 
 FORMS = ("tf1_checkpoint", "tf1_hub", "tf2_checkpoint", "tf2_saved_model")
-PAPER_SK_RATIO = 0.0625     # SimCLRv2, section 2: 1/16
-BN_PARAMS = ("gamma", "beta", "moving_mean", "moving_variance")
-_VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
-# Optimizer state, step counters and bookkeeping: never part of the model.
-_TF1_IGNORED = re.compile(
-    r"(^|/)(global_step|beta[12]_power)$|/(Momentum|Adam|Adam_1|RMSProp|"
-    r"RMSProp_1|ExponentialMovingAverage)$")
-_TF2_IGNORED = re.compile(
-    r"^(_CHECKPOINTABLE_OBJECT_GRAPH|global_step|save_counter|optimizer)"
-    r"(/|$)|\.OPTIMIZER_SLOT/")
 # Object-graph edges that list variables a second time (Keras bookkeeping).
 _ALIAS_EDGES = frozenset((
     "variables", "trainable_variables", "non_trainable_variables",
     "keras_api", "trainable_variables_list", "trainable_weights",
     "non_trainable_weights", "weights", "signatures", "__call__",
     "_self_unconditional_dependency_names"))
-
-
-class OfficialFormatError(ValueError):
-  """Not an official SimCLR checkpoint, or one this importer cannot read."""
 
 
 @dataclasses.dataclass
@@ -201,14 +187,14 @@ def read(src: str, ema: bool = False) -> OfficialWeights:
   keys = sorted(shapes)
   if any(k.startswith(("base_model/", "ema_model/base_model/")) for k in keys):
     form = "tf1_hub" if kind == "hub" else "tf1_checkpoint"
-    mapping, leftovers = _map_tf1(keys, shapes, ema)
+    mapping, leftovers = map_tf1(keys, shapes, ema)
   elif kind == "checkpoint" and any(
       k.startswith("model/resnet_model/") for k in keys):
     form = "tf2_checkpoint"
     _no_ema(ema, form)
-    mapping, leftovers = _map_tf2(
-        {k[:-len(_VALUE_SUFFIX)]: k for k in keys
-         if k.endswith(_VALUE_SUFFIX) and ".OPTIMIZER_SLOT" not in k}, keys)
+    mapping, leftovers = map_tf2(
+        {k[:-len(VALUE_SUFFIX)]: k for k in keys
+         if k.endswith(VALUE_SUFFIX) and ".OPTIMIZER_SLOT" not in k}, keys)
   elif kind == "saved_model":
     form = "tf2_saved_model"
     _no_ema(ema, form)
@@ -216,11 +202,11 @@ def read(src: str, ema: bool = False) -> OfficialWeights:
                                     reader)
     if not any(p.startswith("model/resnet_model/") for p in structural):
       raise _not_simclr(prefix, keys)
-    mapping, leftovers = _map_tf2(structural, [])
+    mapping, leftovers = map_tf2(structural, [])
   else:
     raise _not_simclr(prefix, keys)
   step = 0
-  for key in ("global_step", "global_step" + _VALUE_SUFFIX):
+  for key in ("global_step", "global_step" + VALUE_SUFFIX):
     if key in shapes:
       step = int(reader.get_tensor(key))
   return OfficialWeights(
@@ -280,422 +266,3 @@ def _saved_model_paths(export_dir: str, reader) -> dict:
   return found
 
 
-# --- TF2: attribute paths ---------------------------------------------------
-
-_TF2_STEM = re.compile(r"^model/resnet_model/initial_conv_relu_max_pool/"
-                       r"(\d+)/(.+)$")
-_TF2_BLOCK = re.compile(r"^model/resnet_model/block_groups/(\d+)/layers/(\d+)/"
-                        r"(projection_layers|shortcut_layers|"
-                        r"conv_relu_dropblock_layers|conv2d_bn_layers)/(\d+)/"
-                        r"(.+)$")
-_TF2_BLOCK_SE = re.compile(r"^model/resnet_model/block_groups/(\d+)/layers/"
-                           r"(\d+)/se_layer/(.+)$")
-_TF2_HEAD = re.compile(r"^model/_projection_head/linear_layers/(\d+)/"
-                       r"(dense/kernel|bn_relu/bn/\w+)$")
-_TF2_SUP = re.compile(r"^model/supervised_head/linear_layer/dense/"
-                      r"(kernel|bias)$")
-_TF2_SK = {"conv2d_fixed_padding/conv2d/kernel": "conv/kernel",
-           "conv2d_0/kernel": "reduce/kernel",
-           "conv2d_1/kernel": "expand/kernel"}
-_TF2_SK.update({f"batch_norm_relu/bn/{p}": f"bn/{p}" for p in BN_PARAMS})
-_TF2_SK.update({f"batch_norm_relu_1/bn/{p}": f"reduce_bn/{p}"
-                for p in BN_PARAMS})
-_TF2_SE = {f"se_{a}/{b}": f"{a}/{b}" for a in ("reduce", "expand")
-           for b in ("kernel", "bias")}
-# Sublayer names of our blocks, by the kinds of the official list entries.
-_BLOCK_LAYOUTS = {
-    ("conv", "bn", "conv", "bn", "conv", "bn"):
-        ("conv_0", "bn_0", "conv_1", "bn_1", "conv_2", "bn_2"),
-    ("conv", "bn", "sk", "conv", "bn"):
-        ("conv_0", "bn_0", "sk_1", "conv_2", "bn_2"),
-    ("conv", "bn", "conv", "bn"): ("conv_0", "bn_0", "conv_1", "bn_1"),
-}
-
-
-def _entry_kind(rests: dict) -> str:
-  names = set(rests)
-  if names == {"conv2d/kernel"}:
-    return "conv"
-  if names and all(n.startswith("bn/") for n in names):
-    return "bn"
-  if names and names <= set(_TF2_SK):
-    return "sk"
-  if names and names <= set(_TF2_SE):
-    return "se"
-  return "unknown(" + ", ".join(sorted(names)) + ")"
-
-
-def _entry_params(kind: str, rests: dict) -> dict:
-  if kind == "conv":
-    return {"kernel": rests["conv2d/kernel"]}
-  if kind == "bn":
-    return {n[len("bn/"):]: k for n, k in rests.items()}
-  return {(_TF2_SK if kind == "sk" else _TF2_SE)[n]: k
-          for n, k in rests.items()}
-
-
-def _map_tf2(structural: dict, all_keys: list) -> tuple[dict, list]:
-  """Our path -> key from TF2 attribute paths (path -> checkpoint key)."""
-  mapping, leftovers = {}, []
-  stem, blocks = {}, {}
-  for path, key in sorted(structural.items()):
-    if m := _TF2_STEM.match(path):
-      stem.setdefault(int(m[1]), {})[m[2]] = key
-    elif m := _TF2_BLOCK.match(path):
-      block = blocks.setdefault((int(m[1]), int(m[2])), {})
-      block.setdefault(m[3], {}).setdefault(int(m[4]), {})[m[5]] = key
-    elif m := _TF2_BLOCK_SE.match(path):
-      block = blocks.setdefault((int(m[1]), int(m[2])), {})
-      block.setdefault("se_layer", {}).setdefault(0, {})[m[3]] = key
-    elif m := _TF2_HEAD.match(path):
-      name = m[2].replace("bn_relu/bn/", "bn/")
-      mapping[f"proj_head/layer_{int(m[1]) + 1}/{name}"] = key
-    elif m := _TF2_SUP.match(path):
-      mapping[f"head_supervised/dense/{m[1]}"] = key
-    elif not _TF2_IGNORED.search(path):
-      leftovers.append(path)
-  for key in all_keys:
-    if not key.endswith(_VALUE_SUFFIX) and not _TF2_IGNORED.search(key):
-      leftovers.append(key)
-
-  kinds = [_entry_kind(stem[i]) for i in sorted(stem)]
-  if kinds not in (["conv", "bn"], ["conv", "bn"] * 3):
-    raise OfficialFormatError(
-        f"unknown TF2 stem layout {kinds}; expected one conv + batch norm "
-        "(CIFAR or 7x7 stem) or three (ResNet-D stem).")
-  for n, i in enumerate(sorted(stem)):
-    name = f"conv_{n // 2}" if n % 2 == 0 else f"bn_{n // 2}"
-    for param, key in _entry_params(kinds[n], stem[i]).items():
-      mapping[f"resnet/stem/{name}/{param}"] = key
-
-  for (g, b), lists in sorted(blocks.items()):
-    prefix = f"resnet/block_group{g + 1}/block_{b}"
-    for list_name, entries in lists.items():
-      kinds = tuple(_entry_kind(entries[i]) for i in sorted(entries))
-      if list_name in ("projection_layers", "shortcut_layers"):
-        names = ("shortcut_conv", "shortcut_bn")
-        if kinds != ("conv", "bn"):
-          names = ()
-      elif list_name == "se_layer":
-        names = ("se",) if kinds == ("se",) else ()
-      else:
-        se = kinds[-1:] == ("se",)
-        names = _BLOCK_LAYOUTS.get(kinds[:-1] if se else kinds, ())
-        names = names + ("se",) if names and se else names
-      if not names:
-        raise OfficialFormatError(
-            f"unknown TF2 layout of {prefix} ({list_name}: {list(kinds)}); "
-            "expected the official basic or bottleneck block.")
-      for name, i in zip(names, sorted(entries)):
-        for param, key in _entry_params(_entry_kind(entries[i]),
-                                        entries[i]).items():
-          mapping[f"{prefix}/{name}/{param}"] = key
-  return mapping, leftovers
-
-
-# --- TF1: names numbered in creation order ----------------------------------
-
-_TF1_LAYER = re.compile(r"^base_model/(conv2d|batch_normalization)(?:_(\d+))?/"
-                        r"(\w+)$")
-_TF1_HEAD = re.compile(r"^head_contrastive/(?:nl|l)_(\d+)/"
-                       r"(dense/kernel|batch_normalization/\w+)$")
-_TF1_SUP = re.compile(r"^head_supervised/linear_layer/dense/(kernel|bias)$")
-
-
-class _Sequence:
-  """The TF1 convolutions and batch norms in creation order, consumed while
-  parsing, each checked against the shape the grammar expects."""
-
-  def __init__(self, convs: list, bns: list, shapes: dict):
-    self.convs, self.bns, self.shapes = convs, bns, shapes
-    self.ci = self.bi = 0
-    self.mapping = {}
-
-  def peek(self, ahead: int = 0) -> Optional[tuple]:
-    """(kh, kw, cin, cout, has_bias) of a coming convolution, or None."""
-    i = self.ci + ahead
-    if i >= len(self.convs):
-      return None
-    params = self.convs[i]
-    return tuple(self.shapes[params["kernel"]]) + ("bias" in params,)
-
-  def conv(self, path: str, kernel: int, cin: int, cout: Optional[int],
-           bias: bool = False) -> int:
-    found = self.peek()
-    name = f"base_model/conv2d{'_%d' % self.ci if self.ci else ''}"
-    want = (kernel, kernel, cin, cout if cout is not None else found and
-            found[3], bias)
-    if found is None or found != want:
-      raise OfficialFormatError(
-          f"unknown TF1 layout at {name} (our {path}): expected a "
-          f"{kernel}x{kernel} conv {cin}->{cout or '?'}"
-          f"{' with bias' if bias else ''}, found "
-          f"{'nothing' if found is None else found[:4]}.")
-    for param, key in self.convs[self.ci].items():
-      self.mapping[f"{path}/{param}"] = key
-    self.ci += 1
-    return found[3]
-
-  def bn(self, path: str, channels: int) -> None:
-    name = (f"base_model/batch_normalization"
-            f"{'_%d' % self.bi if self.bi else ''}")
-    params = self.bns[self.bi] if self.bi < len(self.bns) else None
-    shape = params and tuple(self.shapes[params["gamma"]])
-    if params is None or shape != (channels,) or set(params) != set(BN_PARAMS):
-      raise OfficialFormatError(
-          f"unknown TF1 layout at {name} (our {path}): expected a batch norm "
-          f"of {channels} channels with {', '.join(BN_PARAMS)}, found "
-          f"{shape if params else 'nothing'}.")
-    for param, key in params.items():
-      self.mapping[f"{path}/{param}"] = key
-    self.bi += 1
-
-
-def _numbered(keys: list, kind: str) -> list:
-  """[{param: key}] of base_model/<kind>_K, in order of K (as a number)."""
-  layers = {}
-  for key, (k, index, param) in keys:
-    if k == kind:
-      layers.setdefault(index, {})[param] = key
-  order = sorted(layers)
-  if order != list(range(len(order))):
-    missing = sorted(set(range(order[-1] + 1)) - set(order))[:3]
-    raise OfficialFormatError(
-        f"the TF1 checkpoint lacks base_model/{kind}_{missing[0]} (numbers "
-        "must run without gaps); it is incomplete.")
-  return [layers[i] for i in order]
-
-
-def _map_tf1(keys: list, shapes: dict, ema: bool) -> tuple[dict, list]:
-  """Our path -> key for a TF1 checkpoint (`ema_model/` copy if `ema`)."""
-  if ema and not any(k.startswith("ema_model/") for k in keys):
-    raise OfficialFormatError(
-        "--ema: this TF1 checkpoint has no ema_model/ copy; import it "
-        "without --ema.")
-  own = "ema_model/" if ema else ""
-  other = "" if ema else "ema_model/"
-  layers, mapping, leftovers = [], {}, []
-  for key in keys:
-    if _TF1_IGNORED.search(key):
-      continue
-    if own and not key.startswith(own):
-      continue      # with --ema the online weights are the other copy
-    if not own and key.startswith("ema_model/"):
-      continue
-    name = key[len(own):]
-    if m := _TF1_LAYER.match(name):
-      layers.append((key, (m[1], int(m[2] or 0), m[3])))
-    elif m := _TF1_HEAD.match(name):
-      param = m[2].replace("batch_normalization/", "bn/")
-      mapping[f"proj_head/layer_{int(m[1]) + 1}/{param}"] = key
-    elif m := _TF1_SUP.match(name):
-      mapping[f"head_supervised/dense/{m[1]}"] = key
-    elif not (other and key.startswith(other)):
-      leftovers.append(key)
-  seq = _Sequence(_numbered(layers, "conv2d"),
-                  _numbered(layers, "batch_normalization"), shapes)
-  _parse_tf1_resnet(seq)
-  if seq.ci != len(seq.convs) or seq.bi != len(seq.bns):
-    raise OfficialFormatError(
-        f"unknown TF1 layout: {len(seq.convs) - seq.ci} conv(s) and "
-        f"{len(seq.bns) - seq.bi} batch norm(s) left after the fourth "
-        "block group.")
-  mapping.update(seq.mapping)
-  return mapping, leftovers
-
-
-def _parse_tf1_resnet(seq: _Sequence) -> None:
-  """Walks the official creation order: stem, then blocks of 4 groups."""
-  channels, n = 3, 0
-  while seq.peek() and seq.peek()[0] != 1:
-    kernel = seq.peek()[0]
-    channels = seq.conv(f"resnet/stem/conv_{n}", kernel, channels, None)
-    seq.bn(f"resnet/stem/bn_{n}", channels)
-    n += 1
-  if n not in (1, 3):
-    raise OfficialFormatError(
-        f"unknown TF1 stem of {n} convolutions; expected 1 (CIFAR or 7x7) "
-        "or 3 (ResNet-D).")
-  if seq.peek() is None or seq.peek(1) is None:
-    raise OfficialFormatError("the TF1 checkpoint has no residual blocks.")
-  bottleneck = seq.peek(1)[0] == 1
-  group, block = 0, 0
-  while seq.peek() is not None:
-    projection = seq.peek()[0] == 1 and (
-        not bottleneck or (seq.peek(1) is not None and seq.peek(1)[0] == 1))
-    if projection:
-      group, block = group + 1, 0
-    if group == 0 or group > 4:
-      raise OfficialFormatError(
-          "unknown TF1 layout: a block group must start with a projection "
-          f"shortcut and there are 4 groups (found group {group}).")
-    path = f"resnet/block_group{group}/block_{block}"
-    channels = _parse_tf1_block(seq, path, channels, projection, bottleneck)
-    block += 1
-  if group != 4:
-    raise OfficialFormatError(
-        f"unknown TF1 layout: {group} block groups; expected 4.")
-
-
-def _parse_tf1_block(seq: _Sequence, path: str, channels: int,
-                     projection: bool, bottleneck: bool) -> int:
-  """One residual block; returns its output channels."""
-  if projection:
-    out = seq.conv(f"{path}/shortcut_conv", 1, channels, None)
-    seq.bn(f"{path}/shortcut_bn", out)
-  if bottleneck:
-    filters = seq.conv(f"{path}/conv_0", 1, channels, None)
-    seq.bn(f"{path}/bn_0", filters)
-    nxt = seq.peek()
-    if nxt is not None and nxt[3] == 2 * filters:   # selective kernel
-      seq.conv(f"{path}/sk_1/conv", 3, filters, 2 * filters)
-      seq.bn(f"{path}/sk_1/bn", 2 * filters)
-      mid = seq.conv(f"{path}/sk_1/reduce", 1, filters, None)
-      seq.bn(f"{path}/sk_1/reduce_bn", mid)
-      seq.conv(f"{path}/sk_1/expand", 1, mid, 2 * filters)
-    else:
-      seq.conv(f"{path}/conv_1", 3, filters, filters)
-      seq.bn(f"{path}/bn_1", filters)
-    out = seq.conv(f"{path}/conv_2", 1, filters,
-                   resnet_lib.BOTTLENECK_EXPANSION * filters)
-  else:
-    filters = seq.conv(f"{path}/conv_0", 3, channels, None)
-    seq.bn(f"{path}/bn_0", filters)
-    out = seq.conv(f"{path}/conv_1", 3, filters, filters)
-  seq.bn(f"{path}/{'bn_2' if bottleneck else 'bn_1'}", out)
-  if not projection and out != channels:
-    raise OfficialFormatError(
-        f"unknown TF1 layout at {path}: an identity shortcut from {channels} "
-        f"to {out} channels.")
-  nxt = seq.peek()
-  if nxt is not None and nxt[4]:                    # SE: 1x1 convs with bias
-    reduced = seq.conv(f"{path}/se/reduce", 1, out, None, bias=True)
-    seq.conv(f"{path}/se/expand", 1, reduced, out, bias=True)
-  return out
-
-
-# === The architecture =========================================================
-
-def _ratio(pairs: set, floor: int, candidates: tuple) -> float:
-  """A ratio r with max(int(f * r), floor) == d for every (f, d) in pairs."""
-  tried = list(candidates) + sorted({d / f for f, d in pairs if d > floor},
-                                    reverse=True)
-  for r in tried:
-    if all(max(int(f * r), floor) == d for f, d in pairs):
-      return r
-  raise OfficialFormatError(
-      f"no single ratio gives the widths {sorted(pairs)} (filters, width); "
-      "the checkpoint mixes block configurations this importer does not "
-      "know.")
-
-
-def infer_model_config(weights: OfficialWeights,
-                       sup_head_input: int = 0) -> ModelConfig:
-  """The architecture of `weights`, from their shapes alone.
-
-  Args:
-    weights: an official checkpoint mapped onto our layers.
-    sup_head_input: which projection-head output feeds the supervised head
-      (the official --ft_proj_selector; not visible in the weights when the
-      widths agree).
-  Returns:
-    A float32-ready ModelConfig with global_bn off.
-  """
-  shapes = weights.shapes
-  stem = sorted(p for p in shapes if re.match(r"resnet/stem/conv_\d+/kernel$",
-                                              p))
-  groups = []
-  for g in range(1, 5):
-    blocks = {int(m[1]) for p in shapes
-              if (m := re.match(rf"resnet/block_group{g}/block_(\d+)/", p))}
-    groups.append(len(blocks))
-  bottleneck = "resnet/block_group1/block_0/conv_2/kernel" in shapes
-  kind = "bottleneck" if bottleneck else "basic"
-  depth = next((d for d, (t, counts) in resnet_lib.BLOCK_TYPES.items()
-                if t == kind and tuple(counts) == tuple(groups)), None)
-  if depth is None:
-    known = ", ".join(f"{d} ({t} {list(c)})"
-                      for d, (t, c) in resnet_lib.BLOCK_TYPES.items())
-    raise OfficialFormatError(
-        f"unknown depth: block groups of {groups} {kind} blocks; this "
-        f"importer knows ResNet {known}.")
-  filters = shapes["resnet/block_group1/block_0/conv_0/kernel"][3]
-  width = filters / resnet_lib.GROUP_FILTERS[0]
-  if not whole_channels(width):
-    raise OfficialFormatError(
-        f"unknown width: the first block group has {filters} channels, not "
-        f"a whole multiple of {resnet_lib.GROUP_FILTERS[0]} / 4.")
-  width = int(width) if float(width).is_integer() else width
-  cifar_stem = len(stem) == 1 and shapes[stem[0]][0] == 3
-  resnet_d = len(stem) == 3
-
-  sk_pairs = {(shapes[p.replace("sk_1/reduce/", "sk_1/conv/")][2],
-               shapes[p][3])
-              for p in shapes if p.endswith("sk_1/reduce/kernel")}
-  if sk_pairs and not (resnet_d or cifar_stem):
-    raise OfficialFormatError(
-        "unknown layout: selective kernels with a 7x7 stem (the official "
-        "code pairs them with the ResNet-D stem).")
-  if resnet_d and not sk_pairs and bottleneck:
-    raise OfficialFormatError(
-        "unknown layout: a ResNet-D stem without selective kernels.")
-  sk_ratio = (_ratio(sk_pairs, resnet_lib.SK_MIN_DIM, (PAPER_SK_RATIO,))
-              if sk_pairs else (PAPER_SK_RATIO if resnet_d else 0.0))
-  se_pairs = set()
-  for p in shapes:
-    if p.endswith("/se/reduce/kernel"):
-      block = p[:-len("se/reduce/kernel")]
-      base = shapes[block + "conv_0/kernel"][3]
-      se_pairs.add((base, shapes[p][3]))
-  se_ratio = _ratio(se_pairs, 1, (0.25, 0.0625)) if se_pairs else 0.0
-
-  head = _infer_head(shapes, filters * (4 if bottleneck else 1) * 8)
-  num_classes, sup_input = 0, 0
-  if "head_supervised/dense/kernel" in shapes:
-    in_dim, num_classes = shapes["head_supervised/dense/kernel"]
-    widths = head["widths"]
-    if sup_head_input > len(widths) - 1:
-      raise OfficialFormatError(
-          f"--ft_proj_selector={sup_head_input}: the projection head has "
-          f"only {len(widths) - 1} layer(s).")
-    if widths[sup_head_input] != in_dim:
-      raise OfficialFormatError(
-          f"--ft_proj_selector={sup_head_input}: head_supervised takes "
-          f"{in_dim} features but projection output {sup_head_input} has "
-          f"{widths[sup_head_input]}; choose the selector it was trained "
-          "on.")
-    sup_input = sup_head_input
-  return ModelConfig(
-      resnet_depth=depth, width_multiplier=width, sk_ratio=sk_ratio,
-      se_ratio=se_ratio, cifar_stem=cifar_stem, global_bn=False,
-      proj_head_mode=head["mode"], num_proj_layers=head["num_layers"],
-      proj_out_dim=head["out_dim"], num_classes=int(num_classes),
-      sup_head_input=sup_input, sup_head_stop_gradient=False)
-
-
-def _infer_head(shapes: dict, backbone_dim: int) -> dict:
-  """Mode, layers, output width and [input, layer 1, ...] widths."""
-  count = 0
-  while f"proj_head/layer_{count + 1}/dense/kernel" in shapes:
-    count += 1
-  widths = [backbone_dim]
-  for j in range(1, count + 1):
-    cin, cout = shapes[f"proj_head/layer_{j}/dense/kernel"]
-    last = j == count
-    has_beta = f"proj_head/layer_{j}/bn/beta" in shapes
-    if cin != widths[-1] or (not last and cout != cin) or has_beta == last:
-      raise OfficialFormatError(
-          f"unknown projection head: layer {j} maps {cin} -> {cout} "
-          f"features{' with' if has_beta else ' without'} a batch-norm beta; "
-          "expected middle layers that keep the width (with beta) and a "
-          "last layer without beta.")
-    widths.append(cout)
-  defaults = ModelConfig()
-  if count == 0:
-    return {"mode": "none", "num_layers": defaults.num_proj_layers,
-            "out_dim": defaults.proj_out_dim, "widths": widths}
-  if count == 1:
-    return {"mode": "linear", "num_layers": defaults.num_proj_layers,
-            "out_dim": widths[-1], "widths": widths}
-  return {"mode": "nonlinear", "num_layers": count, "out_dim": widths[-1],
-          "widths": widths}
