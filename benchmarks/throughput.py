@@ -37,7 +37,10 @@ Configurations (`--configs`, comma separated; `--list` shows the presets):
                           --with_torch PYTHON; always 2 x BATCH images.
 
   Knobs: @bn=keras (Keras' unfused batch norm instead of ours),
-  @intra=N / @inter=N (TensorFlow thread pools), @onednn=0 (oneDNN off),
+  @intra=N / @inter=N (TensorFlow thread pools), @onednn=0|1
+  (TF_ENABLE_ONEDNN_OPTS; default: simclr_tf.cpu's choice for this CPU),
+  @isa=ISA (ONEDNN_MAX_CPU_ISA, e.g. AVX2: oneDNN's kernels as on a CPU
+  without AVX-512, to measure the choice for such CPUs on a newer one),
   @spe=N (steps_per_execution, step and full tiers),
   @xla_flags=FLAGS (XLA_FLAGS, ';' between flags).
 
@@ -93,7 +96,7 @@ TORCH_DEFAULT = "torch-eager-fp32-b256,torch-compile-bf16-b256"
 TASKS = ("pretrain", "finetune", "distill")
 TIERS = ("bare", "step", "full")
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
-KNOBS = ("bn", "intra", "inter", "onednn", "spe", "xla_flags")
+KNOBS = ("bn", "intra", "inter", "onednn", "isa", "spe", "xla_flags")
 # Input pipelines: batches drained before each timed pass, and timed batches
 # per step of the other configurations.
 PIPELINE_DRAIN = 16
@@ -290,9 +293,12 @@ def _setup_tensorflow(knobs: dict):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if "onednn" in knobs:
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = knobs["onednn"]
+  if "isa" in knobs:
+    os.environ["ONEDNN_MAX_CPU_ISA"] = knobs["isa"]
   if "xla_flags" in knobs:
     os.environ["XLA_FLAGS"] = knobs["xla_flags"].replace(";", " ")
   sys.path.insert(0, REPO)
+  import simclr_tf  # pylint: disable=g-import-not-at-top,unused-import
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if "intra" in knobs:
     tf.config.threading.set_intra_op_parallelism_threads(int(knobs["intra"]))
@@ -311,6 +317,8 @@ def _versions() -> dict:
   return {"tensorflow": tf.__version__, "keras": keras.__version__,
           "numpy": np.__version__, "python": platform.python_version(),
           "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+          "onednn_choice": sys.modules["simclr_tf"].ONEDNN.describe(),
+          "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "intra_op_threads":
               tf.config.threading.get_intra_op_parallelism_threads(),
