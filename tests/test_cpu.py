@@ -6,7 +6,10 @@ import sys
 
 import pytest
 
+import simclr_tf
 from simclr_tf import cpu
+
+from conftest import run_cli
 
 # /proc/cpuinfo flags of the CPU kinds the choice is about (abridged).
 ZEN3_AVX2 = {"sse4_2", "avx", "avx2", "fma", "bmi2", "sha_ni"}
@@ -143,3 +146,14 @@ def test_import_simclr_tf_sets_what_tensorflow_then_runs():
     assert auto[1] == str(wanted)
   user = _run_python(code, dict(base, **{cpu.ENV_VAR: "0"})).split()
   assert user == ["False", "False"]
+
+
+def test_run_py_logs_the_choice_this_suite_runs_with(tmp_path):
+  """run.py (what `make demo` runs per stage) and the suite choose alike."""
+  missing = f"--data_dir={tmp_path / 'missing'}"
+  args = ("--dataset=image_folder", missing, f"--model_dir={tmp_path / 'm'}")
+  proc = run_cli(*args, timeout=300)
+  assert proc.returncode == 2   # the missing data, after the choice
+  assert f"INFO: {simclr_tf.ONEDNN.describe()}\n" in proc.stderr
+  off = run_cli("--onednn=off", *args, timeout=300)
+  assert "INFO: oneDNN off (user): --onednn=off\n" in off.stderr
