@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+import simclr_tf  # chooses oneDNN for this CPU; every stage's run.py inherits it
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -142,6 +144,7 @@ def main(argv=None):
         f"{time.time() - start:.0f} s in all")
   print("(pretrain's top-1 is its linear classifier trained alongside on all "
         "labels.)")
+  print(simclr_tf.ONEDNN.describe())
   print(table(rows))
   print(f"\nTensorBoard:  {sys.executable} -m tensorboard.main "
         f"--logdir {_shown(a.out)}")

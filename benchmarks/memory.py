@@ -39,6 +39,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import simclr_tf  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import  # noqa: F401  (oneDNN, before TensorFlow)
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 

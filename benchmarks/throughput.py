@@ -37,9 +37,17 @@ Configurations (`--configs`, comma separated; `--list` shows the presets):
                           --with_torch PYTHON; always 2 x BATCH images.
 
   Knobs: @bn=keras (Keras' unfused batch norm instead of ours),
-  @intra=N / @inter=N (TensorFlow thread pools), @onednn=0 (oneDNN off),
+  @intra=N / @inter=N (TensorFlow thread pools), @onednn=0|1
+  (TF_ENABLE_ONEDNN_OPTS; default: simclr_tf.cpu's choice for this CPU),
+  @isa=ISA (ONEDNN_MAX_CPU_ISA, e.g. AVX2: oneDNN's kernels as on a CPU
+  without AVX-512, to measure the choice for such CPUs on a newer one),
   @spe=N (steps_per_execution, step and full tiers),
-  @xla_flags=FLAGS (XLA_FLAGS, ';' between flags).
+  @xla_flags=FLAGS (XLA_FLAGS, ';' between flags),
+  @env=NAME:VALUE[;NAME:VALUE] (environment of the worker process, set
+  before it starts: allocator variables such as MALLOC_MMAP_THRESHOLD_ are
+  read at process start), @depth=D / @size=PX (ResNet depth and image
+  size of the bare and step tiers; default 18 and 32, the CIFAR recipe;
+  >= 64 px takes the ImageNet stem).
 
 The model is the CIFAR recipe of SimCLR: ResNet-18 with the CIFAR stem at
 32 px, a 3-layer projection head 512-512-128, NT-Xent at temperature 0.5,
@@ -93,7 +101,8 @@ TORCH_DEFAULT = "torch-eager-fp32-b256,torch-compile-bf16-b256"
 TASKS = ("pretrain", "finetune", "distill")
 TIERS = ("bare", "step", "full")
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
-KNOBS = ("bn", "intra", "inter", "onednn", "spe", "xla_flags")
+KNOBS = ("bn", "intra", "inter", "onednn", "isa", "spe", "xla_flags",
+         "env", "depth", "size")
 # Input pipelines: batches drained before each timed pass, and timed batches
 # per step of the other configurations.
 PIPELINE_DRAIN = 16
@@ -290,9 +299,12 @@ def _setup_tensorflow(knobs: dict):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if "onednn" in knobs:
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = knobs["onednn"]
+  if "isa" in knobs:
+    os.environ["ONEDNN_MAX_CPU_ISA"] = knobs["isa"]
   if "xla_flags" in knobs:
     os.environ["XLA_FLAGS"] = knobs["xla_flags"].replace(";", " ")
   sys.path.insert(0, REPO)
+  import simclr_tf  # pylint: disable=g-import-not-at-top,unused-import
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if "intra" in knobs:
     tf.config.threading.set_intra_op_parallelism_threads(int(knobs["intra"]))
@@ -311,6 +323,8 @@ def _versions() -> dict:
   return {"tensorflow": tf.__version__, "keras": keras.__version__,
           "numpy": np.__version__, "python": platform.python_version(),
           "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+          "onednn_choice": sys.modules["simclr_tf"].ONEDNN.describe(),
+          "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "intra_op_threads":
               tf.config.threading.get_intra_op_parallelism_threads(),
@@ -329,7 +343,8 @@ def _run_config(config: dict, work_dir: str, data_dir: str):
       mode="train", train_mode=task, model_dir=os.path.join(work_dir, "run"),
       dataset=config_lib.IMAGE_FOLDER if data_dir else
       config_lib.BUNDLED_DATASET,
-      data_dir=data_dir, image_size=32, resnet_depth=18,
+      data_dir=data_dir, image_size=int(config["knobs"].get("size", 32)),
+      resnet_depth=int(config["knobs"].get("depth", 18)),
       color_jitter_strength=0.5, use_blur=False, temperature=0.5,
       proj_head_mode="nonlinear", num_proj_layers=3, proj_out_dim=128,
       ft_proj_selector=1, optimizer="lars",
@@ -362,9 +377,9 @@ def _export_teacher(cfg, work_dir: str) -> None:
                      class_names=plan.info.class_names, train_mode="finetune")
 
 
-def _synthetic_batch(tf, task: str, batch: int) -> dict:
+def _synthetic_batch(tf, task: str, batch: int, size: int = 32) -> dict:
   images = lambda seed: tf.random.stateless_uniform(  # pylint: disable=g-long-lambda
-      [batch, 32, 32, 3], [seed, 0], dtype=tf.float32)
+      [batch, size, size, 3], [seed, 0], dtype=tf.float32)
   labels = tf.random.stateless_uniform([batch], [9, 0], maxval=10,
                                        dtype=tf.int32)
   if task == "pretrain":
@@ -419,7 +434,8 @@ def build_bare_step(cfg, plan):
     opt.apply_gradients(zip(grads, variables))
     return loss
 
-  return step, _synthetic_batch(tf, cfg.train_mode, cfg.train_batch_size)
+  return step, _synthetic_batch(tf, cfg.train_mode, cfg.train_batch_size,
+                                cfg.image_size)
 
 
 def tf_worker(config: dict, work_dir: str, data_dir: str, warmup: int,
@@ -454,7 +470,8 @@ def tf_worker(config: dict, work_dir: str, data_dir: str, warmup: int,
   pacer = make_pacer(channel, warmup, info, cfg.steps_per_execution)
   if tier == "step":
     data = tf.data.Dataset.from_tensors(
-        _synthetic_batch(tf, cfg.train_mode, cfg.train_batch_size)).repeat()
+        _synthetic_batch(tf, cfg.train_mode, cfg.train_batch_size,
+                         cfg.image_size)).repeat()
     learner.fit(data, epochs=1, steps_per_epoch=cfg.train_steps,
                 callbacks=[pacer], verbose=0)
   else:
@@ -533,6 +550,17 @@ WORKERS = {"tf": tf_worker, "pipeline": pipeline_worker, "torch": torch_worker}
 
 # --- Parent side ---------------------------------------------------------------
 
+def worker_environment(knobs: dict) -> dict:
+  """os.environ plus the knob @env=NAME:VALUE;NAME:VALUE."""
+  env = dict(os.environ)
+  for item in filter(None, knobs.get("env", "").split(";")):
+    name, sep, value = item.partition(":")
+    if not sep or not name:
+      raise ValueError(f"@env wants NAME:VALUE pairs. Received: {item!r}")
+    env[name] = value
+  return env
+
+
 class Worker:
   """One configuration's process, driven over the JSON-lines protocol."""
 
@@ -555,7 +583,8 @@ class Worker:
     self.log = open(self.log_path, "w")
     self.proc = subprocess.Popen(command, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=self.log,
-                                 text=True, bufsize=1, cwd=REPO)
+                                 text=True, bufsize=1, cwd=REPO,
+                                 env=worker_environment(config["knobs"]))
 
   @property
   def name(self) -> str:

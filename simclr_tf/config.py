@@ -26,6 +26,8 @@ OPTIMIZERS = ("lars", "momentum", "adam")
 LR_SCALINGS = ("linear", "sqrt")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+# TensorFlow's oneDNN CPU kernels (simclr_tf.cpu): auto chooses by CPU.
+ONEDNN_SETTINGS = ("auto", "on", "off")
 
 # The dataset bundled inside the package (a small CIFAR-10 sample), so that
 # `python run.py` works offline on a fresh machine.
@@ -173,6 +175,7 @@ class Config:
   precision: str = "auto"
   jit_compile: bool = False
   steps_per_execution: int = 1
+  onednn: str = "auto"
 
   # Checkpoints and logs.
   checkpoint_steps: int = 0
@@ -240,6 +243,7 @@ def validate(cfg: Config) -> Config:
   _check_choice("learning_rate_scaling", cfg.learning_rate_scaling,
                 LR_SCALINGS)
   _check_choice("precision", cfg.precision, PRECISIONS)
+  _check_choice("onednn", cfg.onednn, ONEDNN_SETTINGS)
   _check_choice("strategy", cfg.strategy, STRATEGIES)
   _check_choice("output_format", cfg.output_format, OUTPUT_FORMATS)
   _check_range("knn_eval_epochs", cfg.knn_eval_epochs, -1, None,

@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from simclr_tf import cpu
 from simclr_tf.config import ConfigError
 
 def split_cpu(num_replicas: int) -> None:
@@ -113,18 +114,6 @@ def make_strategy(name: str = "auto", tpu: str = "",
   return tf.distribute.OneDeviceStrategy(device)
 
 
-def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
-  """The CPU's feature flags (empty where /proc/cpuinfo is unreadable)."""
-  try:
-    with open(cpuinfo) as f:
-      for line in f:
-        if line.startswith("flags"):
-          return set(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  return set()
-
-
 def resolve_precision(precision: str, strategy: tf.distribute.Strategy,
                       cpu_flags: Optional[set] = None) -> str:
   """The Keras dtype policy that `--precision` names on this hardware.
@@ -154,7 +143,7 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy,
         tf.config.list_physical_devices("GPU")[0])
     major, _ = details.get("compute_capability", (0, 0))
     return "mixed_bfloat16" if major >= 8 else "float32"
-  flags = _cpu_flags() if cpu_flags is None else cpu_flags
+  flags = cpu.cpu_flags() if cpu_flags is None else cpu_flags
   if flags & {"avx512_bf16", "amx_bf16"}:
     return "mixed_bfloat16"
   return "float32"

@@ -9,6 +9,9 @@ import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# What run.py and `make demo` do first: choose oneDNN before TensorFlow is
+# imported (simclr_tf.cpu), so the suite runs the same kernels they do.
+import simclr_tf  # noqa: E402,F401
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -134,15 +134,6 @@ def test_auto_precision_on_cpus(flags, expected):
         explicit)
 
 
-def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
-  info = tmp_path / "cpuinfo"
-  info.write_text("processor\t: 0\nmodel name\t: Some CPU\n"
-                  "flags\t\t: fpu sse2 avx512_bf16 avx2\n\n")
-  assert distribute._cpu_flags(str(info)) == {"fpu", "sse2", "avx512_bf16",
-                                              "avx2"}
-  assert distribute._cpu_flags(str(tmp_path / "missing")) == set()
-
-
 WITH_CHIEF = {"chief": ["c:0"], "worker": ["a:1", "b:2"]}
 
 
