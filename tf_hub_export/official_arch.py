@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from simclr_tf.config import ModelConfig, whole_channels
+from simclr_tf.models import blocks as blocks_lib
 from simclr_tf.models import resnet as resnet_lib
 from tf_hub_export.official_layouts import OfficialFormatError
 
@@ -74,7 +75,7 @@ def infer_model_config(weights,
   if resnet_d and not sk_pairs and bottleneck:
     raise OfficialFormatError(
         "unknown layout: a ResNet-D stem without selective kernels.")
-  sk_ratio = (_ratio(sk_pairs, resnet_lib.SK_MIN_DIM, (PAPER_SK_RATIO,))
+  sk_ratio = (_ratio(sk_pairs, blocks_lib.SK_MIN_DIM, (PAPER_SK_RATIO,))
               if sk_pairs else (PAPER_SK_RATIO if resnet_d else 0.0))
   se_pairs = set()
   for p in shapes:

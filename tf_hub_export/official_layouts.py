@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from simclr_tf.models import resnet as resnet_lib
+from simclr_tf.models import blocks as blocks_lib
 
 BN_PARAMS = ("gamma", "beta", "moving_mean", "moving_variance")
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -313,7 +313,7 @@ def _parse_tf1_block(seq: _Sequence, path: str, channels: int,
       seq.conv(f"{path}/conv_1", 3, filters, filters)
       seq.bn(f"{path}/bn_1", filters)
     out = seq.conv(f"{path}/conv_2", 1, filters,
-                   resnet_lib.BOTTLENECK_EXPANSION * filters)
+                   blocks_lib.BOTTLENECK_EXPANSION * filters)
   else:
     filters = seq.conv(f"{path}/conv_0", 3, channels, None)
     seq.bn(f"{path}/bn_0", filters)

@@ -27,15 +27,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import keras
 from keras import ops
 
 from simclr_tf import config as config_lib
-# SK_MIN_DIM is part of the architecture this module describes (the
-# official-checkpoint importer reads it here), not used below.
-from simclr_tf.models.blocks import (  # noqa: F401
-    BOTTLENECK_EXPANSION, SK_MIN_DIM, BNLayer, ResidualBlock, apply_conv,
-    make_conv, nhwc, num_channels)
+from simclr_tf.models.blocks import (BNLayer, ResidualBlock, apply_conv,
+                                     make_conv, nhwc, num_channels)
 
 # Blocks per group (He et al. 2016, Table 1; 200 from He et al. 2016b).
 BLOCK_TYPES = {
