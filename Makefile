@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all test-slow bench clean
+.PHONY: demo test test-all test-slow test-official bench clean
 
 $(STAMP): setup.py requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,16 @@ demo: $(STAMP)
 
 # The default suite (fast tests, no ../shared needed).
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not official" $(PYTEST_ARGS)
 
 # Training subprocesses, multi-worker, preemption and hub tests.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "slow and not official" $(PYTEST_ARGS)
+
+# The importer against checkpoints written by the official SimCLR code
+# (../shared/official_simclr; these tests skip without it).
+test-official: $(STAMP)
+	$(PY) -m pytest -q -m official $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -130,7 +130,7 @@ class KnnMonitor(keras.callbacks.Callback):
     return top1
 
   def on_train_batch_end(self, batch, logs=None):
-    step = int(self.model.optimizer.iterations)
+    step = int(self.model.optimizer.iterations.numpy())
     if self._last is None:
       self._last = step - 1
     if step // self.every_steps > self._last // self.every_steps:

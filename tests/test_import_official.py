@@ -430,8 +430,6 @@ FIXTURES = {
     "tf1_r50_sk1": ("tf1_r50_sk1_ema", "", False, "", 64),
     "tf1_r50_sk1_ema": ("tf1_r50_sk1_ema", "", True, "ema_", 64),
 }
-SLOW_FIXTURES = {"tf2_r50_sk1_64px_saved_model", "tf1_r50_sk1",
-                 "tf1_r50_sk1_ema"}
 
 
 @pytest.fixture(scope="module")
@@ -467,12 +465,8 @@ def imported(official_dir):
   return get
 
 
-def _fixture_params():
-  return [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FIXTURES
-          else f for f in sorted(FIXTURES)]
-
-
-@pytest.mark.parametrize("fixture_id", _fixture_params())
+@pytest.mark.official
+@pytest.mark.parametrize("fixture_id", sorted(FIXTURES))
 def test_official_fixture_reproduces_reference_outputs(imported, fixture_id):
   out, reference, prefix, _ = imported(fixture_id)
   ours = _outputs(out, reference["images"])
@@ -522,7 +516,7 @@ _TRAIN_FLAGS = [f for f in TINY_FLAGS
                                      "--train_batch_size"))]
 
 
-@pytest.mark.slow
+@pytest.mark.official
 @pytest.mark.parametrize("fixture_id", sorted(FIXTURES))
 def test_imported_fixture_finetunes_and_distills_two_steps(imported, tmp_path,
                                                            fixture_id):
