@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from conftest import ROOT, TINY_FLAGS, run_cli
 from simclr_tf.config import ModelConfig
-from simclr_tf.models.simclr import SimCLR
+from simclr_tf.models.simclr import build_float32
 from tf_hub_export import import_official, load, official
 
 SHARED_OFFICIAL = os.path.join(ROOT, "..", "shared", "official_simclr")
@@ -34,9 +34,8 @@ REFERENCE_TOLERANCE = 1e-4
 
 # === Synthetic checkpoints in the official layouts ============================
 
-def _random_model(config: ModelConfig, image_size: int, seed: int) -> SimCLR:
-  keras.config.set_dtype_policy("float32")
-  model = SimCLR(config).build_for(image_size)
+def _random_model(config: ModelConfig, image_size: int, seed: int) -> keras.Model:
+  model = build_float32(config, image_size)
   rng = np.random.default_rng(seed)
   for v in model.variables:
     shape = tuple(v.shape)

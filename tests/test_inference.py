@@ -4,7 +4,6 @@ import csv
 import os
 import shutil
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -13,7 +12,7 @@ from conftest import ROOT, run_cli
 from simclr_tf import inference
 from simclr_tf.config import ModelConfig
 from simclr_tf.data import augment, folder
-from simclr_tf.models.simclr import build_model
+from simclr_tf.models.simclr import build_float32
 from tf_hub_export.export import export_saved_model
 
 SAMPLE = os.path.join(ROOT, "simclr_tf", "data", "cifar10_sample", "test")
@@ -22,10 +21,9 @@ CLASSES = ("airplane", "automobile", "bird")
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-  keras.config.set_dtype_policy("float32")
   config = ModelConfig(resnet_depth=18, width_multiplier=0.25,
                        global_bn=False, proj_out_dim=16, num_classes=3)
-  model = build_model(config, 32)
+  model = build_float32(config, 32)
   rng = np.random.default_rng(0)
   head = model.sup_head.dense
   head.kernel.assign(rng.normal(size=head.kernel.shape).astype(np.float32))
@@ -108,8 +106,7 @@ def test_missing_or_foreign_export_is_a_clear_error(images, tmp_path):
 
 
 def test_predict_needs_a_supervised_head(images, tmp_path):
-  keras.config.set_dtype_policy("float32")
-  model = build_model(ModelConfig(resnet_depth=18, width_multiplier=0.25,
+  model = build_float32(ModelConfig(resnet_depth=18, width_multiplier=0.25,
                                   global_bn=False, proj_out_dim=16), 32)
   out = str(tmp_path / "pre")
   export_saved_model(model, out, 32)

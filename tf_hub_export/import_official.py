@@ -129,10 +129,9 @@ def import_checkpoint(src: str, output: str, ema: bool = False,
     An ImportReport. Raises OfficialFormatError with a one-line message.
   """
   # pylint: disable=g-import-not-at-top
-  import keras
   import tensorflow as tf
 
-  from simclr_tf.models.simclr import SimCLR
+  from simclr_tf.models.simclr import build_float32
   from tf_hub_export import export as export_lib
   from tf_hub_export import load as load_lib
   from tf_hub_export import official
@@ -146,12 +145,7 @@ def import_checkpoint(src: str, output: str, ema: bool = False,
         f"--class_names lists {len(class_names)} names but the supervised "
         f"head has {config.num_classes} classes.")
   image_size = image_size or (32 if config.cifar_stem else 224)
-  saved = keras.config.dtype_policy()
-  keras.config.set_dtype_policy("float32")
-  try:
-    model = SimCLR(config).build_for(image_size)
-  finally:
-    keras.config.set_dtype_policy(saved)
+  model = build_float32(config, image_size)
   count = _assign(model, weights)
 
   parent = os.path.dirname(output)
