@@ -77,7 +77,8 @@ def stages(a) -> list[tuple[str, list[str]]]:
       ("distill", common + [
           "--train_mode=distill", f"--model_dir={out('distill')}",
           f"--teacher={out('finetune')}/saved_model",
-          f"--init_from={out('pretrain')}/saved_model",
+          # The student starts from its teacher's encoder, with a new head.
+          f"--init_from={out('finetune')}/saved_model",
           f"--train_batch_size={a.batch_size}",
           f"--train_epochs={a.distill_epochs}", "--distill_temperature=0.1",
           "--learning_rate=0.3", "--weight_decay=0", "--warmup_epochs=1"]),

@@ -55,6 +55,9 @@ _HELP = {
                  "same command continues from the latest checkpoint.",
     "init_from": "A saved_model/ written by a previous stage; its encoder "
                  "and projection head initialise this run (checked).",
+    "init_head": "Also restore --init_from's supervised head (same "
+                 "classes) instead of a new zero one: a self-distillation "
+                 "student then starts as its teacher.",
     "teacher": "Distillation teacher: a SavedModel with a 'logits_sup' "
                "output (e.g. a fine-tune export).",
     "seed": "Seed of the label subset, data order, augmentations and "

@@ -126,6 +126,7 @@ class Config:
   train_mode: str = "pretrain"
   model_dir: str = "/tmp/simclr_tf"
   init_from: str = ""
+  init_head: bool = False
   teacher: str = ""
   seed: int = 0
 
@@ -312,6 +313,12 @@ def validate(cfg: Config) -> Config:
                f"--num_proj_layers={cfg.num_proj_layers} has "
                f"{max_selector} projection layer(s).")
   stage = stages.get(cfg.train_mode)
+  if cfg.init_head and (not cfg.init_from or cfg.mode != "train" and
+                        cfg.mode != "train_then_eval"):
+    raise ConfigError(
+        "--init_head restores the supervised head of --init_from when "
+        "training; give --init_from=EXPORT (a fine-tuned export) and "
+        "--mode=train or train_then_eval, or drop --init_head.")
   if stage.teacher and not cfg.teacher and cfg.mode != "eval":
     raise ConfigError(
         f"--teacher is empty; --train_mode={stage.name} needs --teacher=DIR, "

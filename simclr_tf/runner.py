@@ -24,6 +24,7 @@ from simclr_tf import callbacks as cb
 from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
 from simclr_tf import distribute
+from simclr_tf import export_checks
 from simclr_tf import monitor
 from simclr_tf import projector
 from simclr_tf import stages
@@ -43,12 +44,6 @@ log = logging.getLogger("simclr_tf")
 
 EXPORT_DIR = "saved_model"
 RESULT_FILE = "result.json"
-# Architecture fields that the flags and an --init_from export must share.
-ARCH_FLAGS = ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio",
-              "cifar_stem", "proj_head_mode", "num_proj_layers",
-              "proj_out_dim")
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Everything decided before any model is built."""
@@ -96,21 +91,6 @@ def prepare_model_dir(cfg: Config) -> None:
   write_atomic(os.path.join(cfg.model_dir, "flags.json"), cfg.to_json())
 
 
-def _check_arch(cfg: Config, meta, flag: str) -> None:
-  """The flags' architecture must be the export's."""
-  ours = config_lib.model_config(cfg, 0)
-  for name in ARCH_FLAGS:
-    a, b = getattr(ours, name), getattr(meta.model_config, name)
-    if a != b:
-      shown = ("image_size" if name == "cifar_stem" else name)
-      value = cfg.image_size if name == "cifar_stem" else a
-      want = (f"{'<=' if b else '>'} {config_lib.CIFAR_STEM_MAX_SIZE}"
-              if name == "cifar_stem" else b)
-      raise ConfigError(
-          f"--{shown}={value} does not match the --{flag} export, which has "
-          f"{shown}={want}; set --{shown} to match it.")
-
-
 def make_plan(cfg: Config) -> Plan:
   """Opens data and exports; raises ConfigError for any bad combination."""
   stage = stages.get(cfg.train_mode)
@@ -125,7 +105,7 @@ def make_plan(cfg: Config) -> Plan:
   try:
     if cfg.init_from:
       init_meta = load_lib.read_meta(cfg.init_from, "init_from")
-      _check_arch(cfg, init_meta, "init_from")
+      export_checks.check_arch(cfg, init_meta, "init_from")
     if stage.teacher and cfg.mode != "eval":
       teacher_meta = load_lib.read_meta(cfg.teacher, "teacher")
       if not teacher_meta.model_config.num_classes:
@@ -136,6 +116,8 @@ def make_plan(cfg: Config) -> Plan:
     raise ConfigError(str(e)) from e
 
   num_classes = info.num_classes
+  if cfg.init_head and init_meta is not None:
+    export_checks.check_head(cfg, init_meta, teacher_meta, num_classes)
   if teacher_meta is not None:
     t_classes = teacher_meta.model_config.num_classes
     if num_classes and num_classes != t_classes:
@@ -175,7 +157,8 @@ def load_init(cfg: Config, plan: Plan):
   """The --init_from export as a Keras model (checked), and its report."""
   source, _, report = load_lib.load_model(
       cfg.init_from, dataclasses.replace(plan.model_config, global_bn=False),
-      new_weights=_new_head if cfg.mode != "eval" else None)
+      new_weights=(_new_head if cfg.mode != "eval" and not cfg.init_head
+                   else None))
   return source, report
 
 

@@ -20,6 +20,23 @@ SHARED_CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10")
 RESULT_PREFIX = "FRESH_PROCESS_RESULT "
 
 
+def export_small_classifier(out, class_names, **overrides):
+  """Exports a quarter-width ResNet-18 with a random supervised head."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from simclr_tf.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from simclr_tf.models.simclr import build_float32  # pylint: disable=g-import-not-at-top
+  from tf_hub_export.export import export_saved_model  # pylint: disable=g-import-not-at-top
+  config = ModelConfig(resnet_depth=18, width_multiplier=0.25,
+                       global_bn=False, proj_out_dim=16,
+                       num_classes=len(class_names), **overrides)
+  model = build_float32(config, 32)
+  head = model.sup_head.dense
+  head.kernel.assign(np.random.default_rng(0).normal(
+      size=head.kernel.shape).astype(np.float32))
+  export_saved_model(model, out, 32, class_names=class_names)
+  return out
+
+
 def _env(extra=None) -> dict:
   path = os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")])
   return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=path,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, export_small_classifier, run_cli
 from simclr_tf import inference
 from simclr_tf.config import ModelConfig
 from simclr_tf.data import augment, folder
@@ -21,15 +21,8 @@ CLASSES = ("airplane", "automobile", "bird")
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-  config = ModelConfig(resnet_depth=18, width_multiplier=0.25,
-                       global_bn=False, proj_out_dim=16, num_classes=3)
-  model = build_float32(config, 32)
-  rng = np.random.default_rng(0)
-  head = model.sup_head.dense
-  head.kernel.assign(rng.normal(size=head.kernel.shape).astype(np.float32))
-  out = str(tmp_path_factory.mktemp("export") / "saved_model")
-  export_saved_model(model, out, 32, class_names=CLASSES)
-  return out
+  return export_small_classifier(
+      str(tmp_path_factory.mktemp("export") / "saved_model"), CLASSES)
 
 
 @pytest.fixture

@@ -43,6 +43,14 @@ BAD_RUNS = [
     ({"train_mode": "distill", "teacher": "{export3}"},
      "predicts 3 classes but --dataset=cifar10_sample has 10"),
     ({"mode": "eval"}, "--mode=eval found no checkpoint"),
+    ({"init_head": True}, "--init_head restores the supervised head of "
+     "--init_from when training; give --init_from=EXPORT"),
+    ({"train_mode": "finetune", "init_from": "{export0}", "init_head": True,
+      "proj_out_dim": 32},
+     "has no supervised classes but this run predicts 10"),
+    ({"train_mode": "finetune", "init_from": "{export3}", "init_head": True,
+      "proj_out_dim": 32},
+     "has 3 supervised classes but this run predicts 10"),
 ]
 
 
@@ -95,3 +103,28 @@ def test_bad_runs_fail_with_one_line_before_training(changes, expected,
   # Nothing was trained or exported.
   assert not os.path.exists(os.path.join(model_dir, "checkpoints"))
   assert not os.path.exists(os.path.join(model_dir, "saved_model"))
+
+
+def test_init_head_starts_the_student_as_its_teacher(tmp_path):
+  config = ModelConfig(proj_out_dim=32, num_classes=10, proj_layers_kept=1,
+                       sup_head_input=1)
+  teacher = simclr_lib.build_model(config, 32)
+  rng = tf.random.Generator.from_seed(0)
+  for w in teacher.get_layer("head_supervised").weights:   # zeros at first
+    w.assign(rng.normal(w.shape))
+  path = str(tmp_path / "teacher")
+  export_lib.export_saved_model(teacher, path, 32, class_names=[
+      str(i) for i in range(10)])
+  images = tf.random.stateless_uniform([4, 32, 32, 3], seed=(1, 2))
+  want = tf.saved_model.load(path)(images, training=False)["logits_sup"]
+  for init_head in (True, False):
+    cfg = Config(train_mode="distill", teacher=path, init_from=path,
+                 init_head=init_head, proj_out_dim=32, ft_proj_selector=1,
+                 precision="float32", model_dir=str(tmp_path / "run"))
+    net = runner.build_net(cfg, runner.make_plan(cfg))
+    got = net(images, training=False)["logits_sup"].numpy()
+    if init_head:
+      assert abs(want.numpy()).max() > 0.1
+      assert abs(got - want.numpy()).max() < 1e-4
+    else:     # the default: a new zero-initialised head
+      assert abs(got).max() == 0.0
