@@ -49,6 +49,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from simclr_tf import losses  # pylint: disable=g-import-not-at-top
+from simclr_tf import runner  # pylint: disable=g-import-not-at-top
 from simclr_tf.data import pipeline  # pylint: disable=g-import-not-at-top
 from simclr_tf.models import simclr as simclr_lib  # pylint: disable=g-import-not-at-top
 from tf_hub_export import load as load_lib  # pylint: disable=g-import-not-at-top
@@ -153,8 +154,8 @@ def main(argv=None):
   report["student"] = {}
   for name, restore_head in (("new_zero_head", False), ("init_head", True)):
     model, _, _ = load_lib.load_model(
-        a.teacher, new_weights=None if restore_head else (
-            lambda path: "head_supervised" in path.split("/")))
+        a.teacher,
+        new_weights=None if restore_head else runner.is_supervised_head)
     out = batched(lambda x: model(x, training=False)["logits_sup"], images)
     report["student"][name] = {
         "top1_at_step_0": float((out.argmax(-1) == labels).mean()),

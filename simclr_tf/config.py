@@ -313,8 +313,8 @@ def validate(cfg: Config) -> Config:
                f"--num_proj_layers={cfg.num_proj_layers} has "
                f"{max_selector} projection layer(s).")
   stage = stages.get(cfg.train_mode)
-  if cfg.init_head and (not cfg.init_from or cfg.mode != "train" and
-                        cfg.mode != "train_then_eval"):
+  if cfg.init_head and (not cfg.init_from or
+                        cfg.mode not in ("train", "train_then_eval")):
     raise ConfigError(
         "--init_head restores the supervised head of --init_from when "
         "training; give --init_from=EXPORT (a fine-tuned export) and "

@@ -26,11 +26,9 @@ def check_arch(cfg: Config, meta, flag: str) -> None:
           f"{shown}={want}; set --{shown} to match it.")
 
 
-def check_head(cfg: Config, init_meta, teacher_meta, num_classes) -> None:
-  """--init_head needs a head of the classes this run predicts."""
+def check_head(cfg: Config, init_meta, want: int) -> None:
+  """--init_head needs a head of the `want` classes this run predicts."""
   head = init_meta.model_config
-  want = (teacher_meta.model_config.num_classes if teacher_meta is not None
-          else num_classes)
   if not head.num_classes or (want and head.num_classes != want):
     raise ConfigError(
         f"--init_head: --init_from={cfg.init_from!r} has "

@@ -44,6 +44,8 @@ log = logging.getLogger("simclr_tf")
 
 EXPORT_DIR = "saved_model"
 RESULT_FILE = "result.json"
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Everything decided before any model is built."""
@@ -116,8 +118,6 @@ def make_plan(cfg: Config) -> Plan:
     raise ConfigError(str(e)) from e
 
   num_classes = info.num_classes
-  if cfg.init_head and init_meta is not None:
-    export_checks.check_head(cfg, init_meta, teacher_meta, num_classes)
   if teacher_meta is not None:
     t_classes = teacher_meta.model_config.num_classes
     if num_classes and num_classes != t_classes:
@@ -126,6 +126,8 @@ def make_plan(cfg: Config) -> Plan:
           f"--dataset={cfg.dataset} has {num_classes}; distill on the data "
           "the teacher was fine-tuned for.")
     num_classes = t_classes
+  if cfg.init_head and init_meta is not None:
+    export_checks.check_head(cfg, init_meta, num_classes)
   if stage.needs_labels and not num_classes:
     raise ConfigError(
         f"--dataset={cfg.dataset} has no labels (no class folders); "
@@ -148,8 +150,9 @@ def make_plan(cfg: Config) -> Plan:
 
 # --- Model, optimizer, learner ---------------------------------------------
 
-def _new_head(path: str) -> bool:
-  """The supervised head is new in every training stage (zero-initialised)."""
+def is_supervised_head(path: str) -> bool:
+  """A supervised-head weight: new (zero-initialised) in a training stage
+  unless --init_head restores it."""
   return "head_supervised" in path.split("/")
 
 
@@ -157,8 +160,8 @@ def load_init(cfg: Config, plan: Plan):
   """The --init_from export as a Keras model (checked), and its report."""
   source, _, report = load_lib.load_model(
       cfg.init_from, dataclasses.replace(plan.model_config, global_bn=False),
-      new_weights=(_new_head if cfg.mode != "eval" and not cfg.init_head
-                   else None))
+      new_weights=(is_supervised_head
+                   if cfg.mode != "eval" and not cfg.init_head else None))
   return source, report
 
 
