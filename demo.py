@@ -3,7 +3,8 @@ r"""The whole of SimCLRv2 on the bundled CIFAR-10 sample, in a few minutes.
   python demo.py                      # what `make demo` runs
   python demo.py --dataset=image_folder --data_dir=../shared/data/cifar10
 
-Stages, each a `run.py` command consuming the previous stage's export:
+Stages, each a call of the Python API (`simclr_tf.pretrain`, `finetune`,
+`distill`) in this process, consuming the previous stage's export:
   1. pretrain      contrastive, no labels, all training images;
   2. finetune      10% of the labels, from the first projection layer;
   3. distill       self-distillation on all training images (no labels);
@@ -15,14 +16,13 @@ command to look at the runs.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
+import dataclasses
 import os
-import subprocess
 import sys
 import time
 
-import simclr_tf  # chooses oneDNN for this CPU; every stage's run.py inherits it
+import simclr_tf  # first: chooses oneDNN for this CPU before TensorFlow loads
+from simclr_tf import cli
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,77 +46,77 @@ def parse_args(argv=None):
                  help="Log the online kNN accuracy every N pretraining "
                  "epochs.")
   p.add_argument("--extra", nargs="*", default=[],
-                 help="More run.py flags for every stage.")
+                 help="More options for every stage, as run.py flags "
+                 "(--name=value).")
   return p.parse_args(argv)
 
 
-def stages(a) -> list[tuple[str, list[str]]]:
-  common = [f"--dataset={a.dataset}", f"--data_dir={a.data_dir}",
-            "--image_size=32", "--resnet_depth=18",
-            f"--width_multiplier={a.width_multiplier:g}",
-            f"--precision={a.precision}",
-            "--mode=train_then_eval", "--ft_proj_selector=1", "--seed=0",
-            *a.extra]
+def stages(a) -> list[tuple[str, callable, dict]]:
+  """(name, API function, its arguments) of each stage."""
+  folder = a.dataset == "image_folder"
+  common = dict(data=a.data_dir if folder else a.dataset, image_size=32,
+                resnet_depth=18,
+                width_multiplier=a.width_multiplier, precision=a.precision,
+                seed=0, **extra_options(a.extra))
+  if a.data_dir and not folder:   # a TFDS data directory
+    common["data_dir"] = a.data_dir
   out = lambda name: os.path.join(a.out, name)
-  finetune = ["--train_mode=finetune", f"--label_fraction={a.label_fraction}",
-              f"--train_batch_size={min(a.batch_size, 50)}",
-              f"--train_epochs={a.finetune_epochs}", "--optimizer=lars",
-              "--learning_rate=0.1", "--learning_rate_scaling=linear",
-              "--weight_decay=0", "--warmup_epochs=0"]
+  finetune = dict(label_fraction=a.label_fraction,
+                  train_batch_size=min(a.batch_size, 50),
+                  train_epochs=a.finetune_epochs, optimizer="lars",
+                  learning_rate=0.1, learning_rate_scaling="linear",
+                  weight_decay=0.0, warmup_epochs=0.0)
   return [
-      ("pretrain", common + [
-          "--train_mode=pretrain", f"--model_dir={out('pretrain')}",
-          f"--train_batch_size={a.batch_size}",
-          f"--train_epochs={a.pretrain_epochs}", "--learning_rate=1.0",
-          "--weight_decay=1e-4", "--temperature=0.5",
-          "--color_jitter_strength=0.5", "--warmup_epochs=2",
-          f"--knn_eval_epochs={a.knn_eval_epochs}"]),
-      ("finetune", common + finetune + [
-          f"--model_dir={out('finetune')}",
-          f"--init_from={out('pretrain')}/saved_model"]),
-      ("distill", common + [
-          "--train_mode=distill", f"--model_dir={out('distill')}",
-          f"--teacher={out('finetune')}/saved_model",
+      ("pretrain", simclr_tf.pretrain, dict(
+          common, model_dir=out("pretrain"), train_batch_size=a.batch_size,
+          train_epochs=a.pretrain_epochs, learning_rate=1.0,
+          weight_decay=1e-4, temperature=0.5, color_jitter_strength=0.5,
+          warmup_epochs=2.0, knn_eval_epochs=a.knn_eval_epochs)),
+      ("finetune", simclr_tf.finetune, dict(
+          common, **finetune, model_dir=out("finetune"),
+          init_from=os.path.join(out("pretrain"), "saved_model"))),
+      ("distill", simclr_tf.distill, dict(
+          common, model_dir=out("distill"),
+          teacher=os.path.join(out("finetune"), "saved_model"),
           # The student starts from its teacher's encoder, with a new head.
-          f"--init_from={out('finetune')}/saved_model",
-          f"--train_batch_size={a.batch_size}",
-          f"--train_epochs={a.distill_epochs}", "--distill_temperature=0.1",
-          "--learning_rate=0.3", "--weight_decay=0", "--warmup_epochs=1"]),
-      ("supervised", common + finetune + [
-          f"--model_dir={out('supervised')}", "--learning_rate=0.3",
-          "--weight_decay=1e-4"]),
+          init_from=os.path.join(out("finetune"), "saved_model"),
+          train_batch_size=a.batch_size, train_epochs=a.distill_epochs,
+          distill_temperature=0.1, learning_rate=0.3, weight_decay=0.0,
+          warmup_epochs=1.0)),
+      ("supervised", simclr_tf.finetune, dict(
+          common, **dict(finetune, learning_rate=0.3, weight_decay=1e-4),
+          model_dir=out("supervised"))),
   ]
 
 
-# What TensorFlow's GPU build prints at start on a machine without a GPU:
-# expected there, and read as a failure. Dropped only when no NVIDIA device
-# exists; every other line of the stage is shown as it comes.
-_NO_GPU_NOISE = ("failed call to cuInit", "Could not find cuda drivers")
+def extra_options(flags: list[str]) -> dict:
+  """{name: value} of run.py-style flags (--name=value, --name, --noname)."""
+  types = {f.name: type(getattr(simclr_tf.Config(), f.name))
+           for f in dataclasses.fields(simclr_tf.Config)}
+  options = {}
+  for flag in flags:
+    name, has_value, value = flag.lstrip("-").partition("=")
+    if not has_value:
+      negated = name.startswith("no") and name[2:] in types
+      name, value = (name[2:], "false") if negated else (name, "true")
+    kind = types.get(name, str)
+    if kind is bool:
+      options[name] = value.lower() in ("1", "true", "yes")
+    else:
+      options[name] = kind(value)
+  return options
 
 
-def _relay(stream, no_gpu: bool) -> None:
-  for line in stream:
-    if not (no_gpu and any(n in line for n in _NO_GPU_NOISE)):
-      sys.stderr.write(line)
-      sys.stderr.flush()
-
-
-def run_stage(name: str, args: list[str]) -> dict:
-  cmd = [sys.executable, os.path.join(ROOT, "run.py"), *args]
-  print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
+def run_stage(name: str, fn, kwargs: dict) -> dict:
+  shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "data")
+  print(f"\n=== {name}: simclr_tf.{fn.__name__}({kwargs['data']!r}, "
+        f"{shown})", flush=True)
   start = time.time()
-  no_gpu = not glob.glob("/dev/nvidia[0-9]*")
-  with subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                        errors="replace") as proc:
-    _relay(proc.stderr, no_gpu)
-  if proc.returncode:
-    sys.exit(f"demo: stage {name} failed with exit status {proc.returncode}")
-  model_dir = next(a.split("=", 1)[1] for a in args
-                   if a.startswith("--model_dir="))
-  with open(os.path.join(model_dir, "result.json")) as f:
-    result = json.load(f)
-  result["seconds"] = time.time() - start
-  return result
+  data = kwargs.pop("data")
+  result = fn(data, **kwargs)
+  metrics = dict(result.metrics, export=result.export_path)
+  metrics["seconds"] = time.time() - start
+  return metrics
 
 
 def _shown(path: str) -> str:
@@ -138,10 +138,13 @@ def table(rows: list[tuple[str, dict]]) -> str:
 
 def main(argv=None):
   a = parse_args(argv)
+  cli.setup_logging()   # the library's progress, as run.py shows it
   start = time.time()
-  rows = [(name, run_stage(name, args)) for name, args in stages(a)]
-  print(f"\nSimCLRv2 demo on {a.dataset} ({100 * a.label_fraction:g}% labels),"
-        f" ResNet-18 {a.width_multiplier:g}x, --precision={a.precision}, "
+  rows = [(name, run_stage(name, fn, kwargs))
+          for name, fn, kwargs in stages(a)]
+  print(f"\nSimCLRv2 demo on {a.data_dir if a.dataset == 'image_folder' else a.dataset} "
+        f"({100 * a.label_fraction:g}% labels), ResNet-18 "
+        f"{a.width_multiplier:g}x, precision={a.precision}, "
         f"{time.time() - start:.0f} s in all")
   print("(pretrain's top-1 is its linear classifier trained alongside on all "
         "labels.)")

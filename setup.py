@@ -4,7 +4,7 @@ import setuptools
 
 setuptools.setup(
     name="simclr-tf",
-    version="0.1.0",
+    version="0.2.0",
     description=("SimCLRv2 in Keras 3 / TensorFlow: contrastive pretraining, "
                  "fine-tuning and distillation with reusable SavedModels."),
     long_description=open("README.md", encoding="utf-8").read(),
@@ -16,7 +16,6 @@ setuptools.setup(
                                                "tf_hub_export.*"]),
     package_data={"simclr_tf.data": ["cifar10_sample/*/*/*.jpg",
                                      "cifar10_sample/README.md"]},
-    py_modules=["run"],
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.15,<4",
@@ -34,7 +33,7 @@ setuptools.setup(
         "bench": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": [
-        "simclr-tf=run:entry_point",
+        "simclr-tf=simclr_tf.cli:entry_point",
         "simclr-tf-import-official=tf_hub_export.import_official:entry_point",
     ]},
 )

@@ -49,7 +49,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from simclr_tf import losses  # pylint: disable=g-import-not-at-top
-from simclr_tf import runner  # pylint: disable=g-import-not-at-top
+from simclr_tf import handover  # pylint: disable=g-import-not-at-top
 from simclr_tf.data import pipeline  # pylint: disable=g-import-not-at-top
 from simclr_tf.models import simclr as simclr_lib  # pylint: disable=g-import-not-at-top
 from tf_hub_export import load as load_lib  # pylint: disable=g-import-not-at-top
@@ -155,7 +155,7 @@ def main(argv=None):
   for name, restore_head in (("new_zero_head", False), ("init_head", True)):
     model, _, _ = load_lib.load_model(
         a.teacher,
-        new_weights=None if restore_head else runner.is_supervised_head)
+        new_weights=None if restore_head else handover.is_supervised_head)
     out = batched(lambda x: model(x, training=False)["logits_sup"], images)
     report["student"][name] = {
         "top1_at_step_0": float((out.argmax(-1) == labels).mean()),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU table in one command: the pretraining step of ResNet-50 at
+# The GPU table of docs/performance.md in one command: the pretraining step of ResNet-50 at
 # 224 px and of the CIFAR ResNet-18 at 32 px, mixed_bfloat16, with and
 # without XLA, each in its own process, interleaved (benchmarks/throughput.py).
 #

@@ -18,7 +18,9 @@ long; --width_multiplier sets the network):
                unlabeled training images (labels unused); the student
                starts from its teacher's encoder with a new head.
 
-Every stage is a `run.py` command, so this also exercises the CLI end to end.
+Every stage is written as run.py flags (printed, so any stage can be rerun
+alone from the shell) and run in this process: `simclr_tf.cli.config_from_args`
+parses them exactly as run.py does and `simclr_tf.run` runs the Config.
 Choices are made on a validation split held out from the training images
 (the last 10% of each class); the test split is only used for the reported
 figures. Writes `results.json`, `results.png` and prints the table.
@@ -38,13 +40,15 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import simclr_tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_tf import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data", "cifar10")
@@ -206,14 +210,9 @@ def plan(a, data_root: str) -> list[tuple[str, str, list[str]]]:
 
 
 def run_stage(flags: list[str]) -> dict:
-  cmd = [sys.executable, os.path.join(ROOT, "run.py"), *flags]
-  print("\n$ " + " ".join(cmd[1:]), flush=True)
+  print("\n$ python run.py " + " ".join(flags), flush=True)
   start = time.time()
-  subprocess.run(cmd, cwd=ROOT, check=True)
-  model_dir = next(f.split("=", 1)[1] for f in flags
-                   if f.startswith("--model_dir="))
-  with open(os.path.join(model_dir, "result.json")) as f:
-    result = json.load(f)
+  result = dict(simclr_tf.run(cli.config_from_args(flags)))
   result["seconds"] = round(time.time() - start, 1)
   return result
 
@@ -260,6 +259,7 @@ def chart(rows: dict, columns: list[str], path: str,
 
 def main(argv=None):
   a = parse_args(argv)
+  cli.setup_logging()   # the library's progress, as run.py shows it
   if not os.path.isdir(os.path.join(a.data_dir, "train")):
     sys.exit(f"--data_dir={a.data_dir!r} has no train/ folder; point it at "
              "the CIFAR-10 image folder.")

@@ -136,7 +136,7 @@ def _remove_killed_saves(directory: str) -> None:
 
 
 def restore_latest(manager: tf.train.CheckpointManager,
-                   clean: bool = True) -> Optional[str]:
+                   clean: bool = True, partial: bool = False) -> Optional[str]:
   """Restores the newest checkpoint that reads back; None if there is none.
 
   A kill during a save cannot damage the checkpoints listed in the index
@@ -147,6 +147,8 @@ def restore_latest(manager: tf.train.CheckpointManager,
     manager: the manager of the checkpoints to resume from.
     clean: delete the files of saves that were killed before completing
       (only the process that writes the checkpoints should).
+    partial: the manager's checkpoint holds part of what was saved (the
+      network without its optimizer, to evaluate it).
   Returns:
     The restored checkpoint's path, or None.
   Raises:
@@ -159,7 +161,10 @@ def restore_latest(manager: tf.train.CheckpointManager,
   errors = []
   for path in candidates:
     try:
-      manager.checkpoint.restore(path).assert_existing_objects_matched()
+      status = manager.checkpoint.restore(path)
+      status.assert_existing_objects_matched()
+      if partial:
+        status.expect_partial()
       return path
     except Exception as e:  # pylint: disable=broad-except
       # Damaged files fail in many ways (OpError, IndexError, ...).
@@ -197,6 +202,20 @@ def resume(cfg: Config, learner, chief: bool, strategy=None):
       manager.checkpoint, checkpoint_dir(cfg.model_dir),
       max_to_keep=cfg.keep_checkpoint_max)
   return manager, restore_latest(reader, clean=chief)
+
+
+def restore_network(cfg: Config, net) -> Optional[str]:
+  """Restores only the network from model_dir's newest checkpoint that reads
+  back (to evaluate it); returns its path, or None if there is none."""
+  reader = tf.train.CheckpointManager(
+      tf.train.Checkpoint(model=net), checkpoint_dir(cfg.model_dir),
+      max_to_keep=cfg.keep_checkpoint_max)
+  return restore_latest(reader, clean=False, partial=True)
+
+
+def step_of(path: str) -> int:
+  """The step of a checkpoint path `.../ckpt-<step>`."""
+  return int(path.rsplit("-", 1)[-1])
 
 
 def _num_bytes(variables) -> int:

@@ -10,116 +10,41 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from typing import Any, Optional
+from typing import Optional
 
 from simclr_tf import stages
+from simclr_tf.data import BUNDLED_DATASET, IMAGE_FOLDER
+from simclr_tf.models.config import (CIFAR_STEM_MAX_SIZE, PROJ_HEAD_MODES,
+                                     RESNET_DEPTHS, ArchOptions, ModelConfig,
+                                     user_fields,
+                                     num_proj_layers, whole_channels)
+from simclr_tf.optim.scaling import LR_SCALINGS, scaled_learning_rate  # noqa: F401
 
 MODES = ("train", "eval", "train_then_eval", "embed", "predict")
 # Modes that apply an export to image files and train nothing.
 INFERENCE_MODES = ("embed", "predict")
 OUTPUT_FORMATS = ("npy", "csv")
 TRAIN_MODES = tuple(stages.STAGES)
-RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
-PROJ_HEAD_MODES = ("nonlinear", "linear", "none")
 OPTIMIZERS = ("lars", "momentum", "adam")
-LR_SCALINGS = ("linear", "sqrt")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 # TensorFlow's oneDNN CPU kernels (simclr_tf.cpu): auto chooses by CPU.
 ONEDNN_SETTINGS = ("auto", "on", "off")
 
-# The dataset bundled inside the package (a small CIFAR-10 sample), so that
-# `python run.py` works offline on a fresh machine.
-BUNDLED_DATASET = "cifar10_sample"
-IMAGE_FOLDER = "image_folder"
-
 # Smallest input the stems accept: the CIFAR stem keeps the resolution until
 # block group 2 and halves it three times; the ImageNet stem divides by 32.
 MIN_IMAGE_SIZE_CIFAR_STEM = 8
 MIN_IMAGE_SIZE_IMAGENET_STEM = 64
-CIFAR_STEM_MAX_SIZE = 32
 
 
 class ConfigError(ValueError):
   """A flag value that cannot work; the message names flag, value and fix."""
 
 
-def num_proj_layers(proj_head_mode: str, num_layers: int) -> int:
-  """Layers of a whole projection head: 0 ('none'), 1 ('linear') or
-  `num_layers` ('nonlinear')."""
-  return {"none": 0, "linear": 1, "nonlinear": num_layers}[proj_head_mode]
-
-
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The architecture of a SimCLR model: everything needed to rebuild it.
-
-  Attributes:
-    resnet_depth: 18, 34 (basic blocks) or 50, 101, 152, 200 (bottlenecks).
-    width_multiplier: channel multiplier of the ResNet (paper: 1, 2, 3;
-      fractions such as 0.5 give narrow networks for small budgets).
-    sk_ratio: selective-kernel reduction ratio; 0 disables SK (paper: 1/16).
-    se_ratio: squeeze-excitation ratio; 0 disables SE.
-    cifar_stem: 3x3 stride-1 stem without max-pool (images of 32 px or less).
-    batch_norm_decay: moving-average momentum of batch norm.
-    global_bn: synchronise batch norm statistics across replicas.
-    proj_head_mode: 'nonlinear', 'linear' or 'none'.
-    num_proj_layers: number of layers of the (nonlinear) projection head.
-    proj_out_dim: output width of the projection head.
-    proj_layers_kept: projection layers kept in the model (None: all). Fine-
-      tuning from layer k drops the layers above it.
-    num_classes: classes of the supervised head; 0 means no head.
-    sup_head_input: which projection-head output feeds the supervised head
-      (0: encoder output, k: output of projection layer k).
-    sup_head_stop_gradient: True for the linear classifier trained alongside
-      pretraining; its gradient does not reach the encoder.
-  """
-
-  resnet_depth: int = 18
-  width_multiplier: float = 1.0
-  sk_ratio: float = 0.0
-  se_ratio: float = 0.0
-  cifar_stem: bool = True
-  batch_norm_decay: float = 0.9
-  global_bn: bool = True
-  proj_head_mode: str = "nonlinear"
-  num_proj_layers: int = 3
-  proj_out_dim: int = 128
-  proj_layers_kept: Optional[int] = None
-  num_classes: int = 0
-  sup_head_input: int = 0
-  sup_head_stop_gradient: bool = False
-
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(
-          f"Model config has unknown keys {unknown}; it was written by a newer "
-          "or different program. Re-export it with this version of simclr-tf.")
-    return cls(**values)
-
-  @classmethod
-  def from_json(cls, text: str) -> "ModelConfig":
-    return cls.from_dict(json.loads(text))
-
-  @property
-  def num_proj_outputs(self) -> int:
-    """Projection layers the model computes (kept ones only)."""
-    total = num_proj_layers(self.proj_head_mode, self.num_proj_layers)
-    if self.proj_layers_kept is None:
-      return total
-    return min(total, self.proj_layers_kept)
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Every value of one run, as parsed from the command line."""
+class Config(ArchOptions):
+  """Every value of one run: the architecture options (`ArchOptions`, the
+  one list of them) and the run's own below."""
 
   # What to do.
   mode: str = "train"
@@ -142,16 +67,7 @@ class Config:
   label_fraction: float = 1.0
   strict_data: bool = False
 
-  # Model.
-  resnet_depth: int = 18
-  width_multiplier: float = 1.0
-  sk_ratio: float = 0.0
-  se_ratio: float = 0.0
-  batch_norm_decay: float = 0.9
-  global_bn: bool = True
-  proj_head_mode: str = "nonlinear"
-  num_proj_layers: int = 3
-  proj_out_dim: int = 128
+  # Model (the architecture itself is `ArchOptions`).
   ft_proj_selector: int = 1
   lineareval_while_pretraining: bool = True
   fine_tune_after_block: int = -1
@@ -198,8 +114,15 @@ class Config:
   def cifar_stem(self) -> bool:
     return self.image_size <= CIFAR_STEM_MAX_SIZE
 
+  def values(self) -> dict:
+    """{field: value}, flat (without copying in-memory data)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    values = self.values()
+    if not isinstance(values["dataset"], str):   # in-memory images
+      values["dataset"] = repr(values["dataset"])
+    return json.dumps(values, indent=2, sort_keys=True)
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)
@@ -210,13 +133,6 @@ def _check_choice(name: str, value, allowed) -> None:
     raise ConfigError(
         f"--{name}={value!r} is not allowed; use one of: "
         f"{', '.join(str(a) for a in allowed)}.")
-
-
-def whole_channels(width_multiplier: float) -> bool:
-  """True for a ResNet width multiplier that gives every layer whole
-  channels: positive, with 64 (the narrowest base width) x it an integer."""
-  channels = 64 * width_multiplier
-  return width_multiplier > 0 and abs(channels - round(channels)) < 1e-9
 
 
 def _check_range(name: str, value, low, high, low_open=False, fix=""):
@@ -323,7 +239,7 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(
         f"--teacher is empty; --train_mode={stage.name} needs --teacher=DIR, "
         "a SavedModel with a 'logits_sup' output (e.g. a fine-tune export).")
-  unused = stages.unused_flags(stage, dataclasses.asdict(cfg))
+  unused = stages.unused_flags(stage, cfg.values())
   if unused:
     flag, value, users = unused[0]
     raise ConfigError(
@@ -345,6 +261,11 @@ def validate(cfg: Config) -> Config:
   return cfg
 
 
+def arch_options(cfg: Config) -> dict:
+  """The run's architecture options, {field: value} of `ArchOptions`."""
+  return {name: getattr(cfg, name) for name in user_fields()}
+
+
 def model_config(cfg: Config, num_classes: int,
                  base: Optional[ModelConfig] = None) -> ModelConfig:
   """The architecture for this run's stage.
@@ -361,17 +282,7 @@ def model_config(cfg: Config, num_classes: int,
       new supervised head on top (SimCLRv2, section 2).
   """
   if base is None:
-    base = ModelConfig(
-        resnet_depth=cfg.resnet_depth,
-        width_multiplier=cfg.width_multiplier,
-        sk_ratio=cfg.sk_ratio,
-        se_ratio=cfg.se_ratio,
-        cifar_stem=cfg.cifar_stem,
-        batch_norm_decay=cfg.batch_norm_decay,
-        global_bn=cfg.global_bn,
-        proj_head_mode=cfg.proj_head_mode,
-        num_proj_layers=cfg.num_proj_layers,
-        proj_out_dim=cfg.proj_out_dim)
+    base = ModelConfig(cifar_stem=cfg.cifar_stem, **arch_options(cfg))
   else:
     base = dataclasses.replace(base, batch_norm_decay=cfg.batch_norm_decay,
                                global_bn=cfg.global_bn)
@@ -405,13 +316,3 @@ def total_train_steps(cfg: Config, num_examples: int) -> int:
 def warmup_steps(cfg: Config, num_examples: int) -> int:
   return int(round(cfg.warmup_epochs *
                    num_examples / cfg.train_batch_size))
-
-
-def scaled_learning_rate(base_lr: float, batch_size: int, scaling: str) -> float:
-  """Learning-rate scaling of the paper (appendix B.1 of SimCLR v1)."""
-  if scaling == "linear":
-    return base_lr * batch_size / 256.0
-  if scaling == "sqrt":
-    return base_lr * math.sqrt(batch_size)
-  raise ConfigError(f"--learning_rate_scaling={scaling!r} is not allowed; "
-                    f"use one of: {', '.join(LR_SCALINGS)}.")

@@ -6,7 +6,7 @@ AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX (`DefaultOneDnnPolicy` in
 tensorflow/core/util/util.cc); every other x86 CPU (AVX2 laptops, AMD Zen 2
 and 3, older Xeons) runs the Eigen kernels, whose convolution gradients are
 most of a ResNet's training step. oneDNN's own kernels need only AVX2 and are
-several times faster there (README, "Throughput and memory"), so on such
+several times faster there (docs/performance.md), so on such
 CPUs we turn oneDNN on, and leave TensorFlow's default everywhere else.
 
 This module imports nothing from TensorFlow, so that `import simclr_tf`

@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from simclr_tf import atomic
 from simclr_tf.config import OUTPUT_FORMATS
 from simclr_tf.data import augment
 from simclr_tf.data import folder as folder_lib
@@ -122,18 +123,11 @@ def _run(model, listing, image_size: int, batch_size: int, key: str,
   return np.concatenate(indices), np.concatenate(outputs)
 
 
-def _write(path: str, write_fn) -> str:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  write_fn(tmp)
-  os.replace(tmp, path)
-  return path
-
-
 def _write_lines(path: str, lines) -> str:
   def write(tmp):
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(f"{line}\n" for line in lines)
-  return _write(path, write)
+  return atomic.write_file(path, write)
 
 
 def _write_csv(path: str, header, rows) -> str:
@@ -142,14 +136,68 @@ def _write_csv(path: str, header, rows) -> str:
       writer = csv.writer(f)
       writer.writerow(header)
       writer.writerows(rows)
-  return _write(path, write)
+  return atomic.write_file(path, write)
 
 
 def _write_npy(path: str, array) -> str:
   def write(tmp):
     with open(tmp, "wb") as f:
       np.save(f, array)
-  return _write(path, write)
+  return atomic.write_file(path, write)
+
+
+def apply_to_folder(export: str, data_dir: str, split: str, key: str,
+                    batch_size: int = 256, strict: bool = False):
+  """Runs an export's output `key` on every image of DATA_DIR/SPLIT.
+
+  Returns:
+    (files in output order, [N, ...] outputs, skipped (path, reason) pairs,
+    the export's meta). Raises InferenceError for bad input.
+  """
+  model, meta = _load_export(export)
+  try:
+    listing = folder_lib.list_image_folder(data_dir, split, strict=strict)
+  except ValueError as e:
+    raise InferenceError(str(e)) from e
+  indices, values = _run(model, listing, meta.image_size, batch_size, key,
+                         key)
+  files = tuple(listing.paths[i] for i in indices)
+  undecoded = sorted(set(range(len(listing.paths))) - set(indices.tolist()))
+  skipped = tuple(zip(listing.skipped, listing.skip_reasons)) + tuple(
+      (listing.paths[i], "could not be decoded") for i in undecoded)
+  if not files:
+    raise InferenceError(f"no image of {listing.directory} could be read.")
+  return files, values, skipped, meta
+
+
+def apply_to_images(export: str, images: np.ndarray, key: str,
+                    batch_size: int = 256) -> np.ndarray:
+  """Runs an export's output `key` on in-memory images.
+
+  Args:
+    export: an export folder of ours.
+    images: uint8 [N, H, W, 3]; each gets the evaluation preprocessing.
+    key: the output ('final_avg_pool', 'logits_sup', ...).
+    batch_size: images per call of the export.
+  Returns:
+    float32 [N, ...] outputs, in order.
+  """
+  model, meta = _load_export(export)
+  size = meta.image_size
+  ds = tf.data.Dataset.from_tensor_slices(images).map(
+      lambda image: augment.preprocess_for_eval(image, size, size),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  outputs = []
+  for batch in ds.batch(batch_size):
+    out = model.serve(batch)
+    if key not in out:
+      raise InferenceError(
+          f"the export has no {key!r} output (it has {sorted(out)}); "
+          "predicting needs a fine-tuned export with a supervised head.")
+    outputs.append(out[key].numpy())
+  if not outputs:
+    raise InferenceError("received no images.")
+  return np.concatenate(outputs).astype(np.float32)
 
 
 def top_k_rows(probabilities: np.ndarray, class_names, k: int = TOP_K):
@@ -191,24 +239,14 @@ def run(mode: str, export: str, data_dir: str, split: str, model_dir: str,
   if not export:
     raise InferenceError(f"--mode={mode} needs --init_from=EXPORT (a "
                          "saved_model/ of ours or an imported official one).")
-  model, meta = _load_export(export)
+  _, meta = _load_export(export)
   if mode == "predict" and not meta.model_config.num_classes:
     raise InferenceError(
         f"--init_from={export!r} has no supervised head; --mode=predict "
         "needs a fine-tuned export (or use --mode=embed).")
-  try:
-    listing = folder_lib.list_image_folder(data_dir, split, strict=strict)
-  except ValueError as e:
-    raise InferenceError(str(e)) from e
   key = EMBED_OUTPUT if mode == "embed" else "logits_sup"
-  indices, values = _run(model, listing, meta.image_size, batch_size, key,
-                         mode)
-  files = tuple(listing.paths[i] for i in indices)
-  undecoded = sorted(set(range(len(listing.paths))) - set(indices.tolist()))
-  skipped = tuple(zip(listing.skipped, listing.skip_reasons)) + tuple(
-      (listing.paths[i], "could not be decoded") for i in undecoded)
-  if not files:
-    raise InferenceError(f"no image of {listing.directory} could be read.")
+  files, values, skipped, meta = apply_to_folder(
+      export, data_dir, split, key, batch_size, strict)
   os.makedirs(model_dir, exist_ok=True)
   outputs = []
   if mode == "embed":

@@ -43,7 +43,7 @@ import keras
 import tensorflow as tf
 
 from simclr_tf.checkpoints import VariablesByPath
-from simclr_tf.config import ModelConfig
+from simclr_tf.models.config import ModelConfig
 from simclr_tf.models.simclr import SimCLR
 
 

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_fresh
+from layer_harness import run_layer_test
 from simclr_tf.config import ModelConfig
 from simclr_tf.models import batch_norm
 from simclr_tf.models import simclr as simclr_lib
@@ -112,6 +113,21 @@ def test_same_variables_as_keras():
   assert config["synchronized"] and not config["center"]
   clone = batch_norm.BatchNormalization.from_config(config)
   assert clone.epsilon == ours.epsilon and clone.momentum == ours.momentum
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    (dict(), (2, 8, 8, 4)),
+    (dict(momentum=0.99, epsilon=1e-3, center=False, synchronized=False),
+     (2, 8, 8, 4)),
+    (dict(gamma_initializer="zeros", name="bn_2"), (2, 6)),
+])
+def test_saves_and_reloads(kwargs, shape):
+  result = run_layer_test(batch_norm.BatchNormalization, kwargs, shape,
+                          expected_output_shape=shape)
+  layer = result.reloaded.get_layer(result.layer.name)
+  np.testing.assert_array_equal(layer.moving_variance.numpy(),
+                                result.layer.moving_variance.numpy())
+  assert layer.synchronized == kwargs.get("synchronized", False)
 
 
 def _op_types(layer, shape, training=True):

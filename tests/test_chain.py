@@ -9,9 +9,10 @@ import os
 
 import numpy as np
 import pytest
+
+import simclr_tf
 import tensorflow as tf
 
-from simclr_tf import runner
 from simclr_tf import tasks
 from simclr_tf.config import Config, ConfigError
 from simclr_tf.data import pipeline
@@ -26,7 +27,7 @@ TINY = Config(resnet_depth=18, image_size=32, train_batch_size=8,
 
 def _run(tmp, name, **changes):
   cfg = TINY.replace(model_dir=str(tmp / name), **changes)
-  return runner.run(cfg), cfg.model_dir
+  return simclr_tf.run(cfg), cfg.model_dir
 
 
 @pytest.fixture(scope="module")
@@ -102,18 +103,19 @@ def test_finetune_head_sits_on_the_first_projection_layer(chain):
   assert "proj_head_layer_1" in out and "proj_head_layer_2" not in out
 
 
-def test_eval_of_an_export_reexports_exactly(chain):
+def test_eval_of_an_export_measures_it_as_it_is(chain):
   ev, ev_dir = chain["ev"]
-  _, dist_dir = chain["dist"]
-  assert ev["global_step"] == 0 and "top1" in ev
-  x = tf.constant(np.random.default_rng(0).uniform(size=(4, 32, 32, 3)),
-                  tf.float32)
-  first = tf.saved_model.load(os.path.join(dist_dir, "saved_model"))(
-      x, training=False)
-  second = tf.saved_model.load(os.path.join(ev_dir, "saved_model"))(
-      x, training=False)
-  for key in first:
-    np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+  dist, dist_dir = chain["dist"]
+  # The export's own step and network: what the distillation run measured
+  # on the same split at its end.
+  assert ev["global_step"] == dist["global_step"] > 0
+  assert ev["top1"] == pytest.approx(dist["top1"])
+  assert ev["loss"] == pytest.approx(dist["loss"], rel=1e-5)
+  # Evaluating writes a result, never an export or a checkpoint.
+  assert os.path.exists(os.path.join(ev_dir, "result.json"))
+  assert not os.path.exists(os.path.join(ev_dir, "saved_model"))
+  assert not os.path.exists(os.path.join(ev_dir, "checkpoints"))
+  assert os.path.exists(os.path.join(dist_dir, "saved_model"))
 
 
 def test_teacher_without_logits_sup_is_rejected(chain, tmp_path):
@@ -140,7 +142,7 @@ def test_rerun_resumes_and_does_not_retrain(chain, caplog):
             for f in os.listdir(checkpoints)}
   cfg = Config(**json.load(open(os.path.join(pre_dir, "flags.json"))))
   with caplog.at_level(logging.INFO, logger="simclr_tf"):
-    result = runner.run(cfg)
+    result = simclr_tf.run(cfg)
   assert result["global_step"] == 2
   assert "Already trained 2/2 steps; nothing to do." in caplog.text
   after = {f: os.path.getmtime(os.path.join(checkpoints, f))

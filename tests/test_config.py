@@ -67,7 +67,7 @@ def test_finetune_from_cut_export_cannot_select_a_dropped_layer():
 def test_model_config_json_round_trip_and_unknown_keys():
   mc = ModelConfig(resnet_depth=50, sk_ratio=0.0625, num_classes=5)
   assert ModelConfig.from_json(mc.to_json()) == mc
-  with pytest.raises(ConfigError, match="unknown keys"):
+  with pytest.raises(ValueError, match="unknown keys"):
     ModelConfig.from_dict({"resnet_depth": 50, "bogus": 1})
 
 
@@ -118,7 +118,43 @@ def test_a_flag_the_stage_does_not_use_is_an_error(changes, expected):
     {"train_mode": "distill", "mode": "eval"},
 ])
 def test_the_flags_each_stage_uses_are_accepted(changes):
-  assert config_lib.validate(Config(**changes)) == Config(**changes)
+  cfg = config_lib.validate(Config(**changes))
+  stage = stages.get(cfg.train_mode)
+  # The same flag under a stage that does not use it is rejected, naming it.
+  moved = 0
+  for flag, field, unset in stages.STAGE_FLAGS:
+    if changes.get(flag, unset) == unset:
+      continue
+    assert getattr(stage, field), flag
+    for other in stages.STAGES.values():
+      if getattr(other, field):
+        continue
+      elsewhere = {"train_mode": other.name, flag: changes[flag]}
+      if other.teacher:
+        elsewhere["teacher"] = "t"
+      with pytest.raises(ConfigError) as err:
+        config_lib.validate(Config(**elsewhere))
+      assert (f"--{flag}={changes[flag]!r} is only used by --train_mode="
+              in str(err.value)), str(err.value)
+      moved += 1
+  if changes.get("mode") == "eval":
+    # Only evaluation goes without a teacher; training is rejected.
+    with pytest.raises(ConfigError, match="--teacher is empty"):
+      config_lib.validate(cfg.replace(mode="train"))
+  else:
+    assert moved > 0
+  # The accepted config is wired as its stage needs.
+  mc = config_lib.model_config(cfg, 10)
+  assert (mc.num_classes, mc.sup_head_input) == (10, cfg.ft_proj_selector)
+  if cfg.train_mode == "pretrain":
+    # The whole projection head; a linear classifier that does not train
+    # the encoder.
+    assert mc.proj_layers_kept is None and mc.num_proj_outputs == 3
+    assert mc.sup_head_stop_gradient is True
+  else:
+    # The head cut at --ft_proj_selector; the classifier trains the encoder.
+    assert mc.proj_layers_kept == cfg.ft_proj_selector == mc.num_proj_outputs
+    assert mc.sup_head_stop_gradient is False
 
 
 def test_every_stage_flag_is_used_by_some_stage():

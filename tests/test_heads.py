@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.models.heads import ProjectionHead, SupervisedHead
+from layer_harness import run_layer_test
+from simclr_tf.models.heads import (ProjectionHead, ProjectionLayer,
+                                    SupervisedHead)
 
 IN_DIM = 24
 
@@ -170,3 +172,47 @@ def test_supervised_head_config_round_trip():
 def test_supervised_head_invalid_arguments():
   with pytest.raises(ValueError, match="Received: num_classes=0"):
     SupervisedHead(0)
+
+
+# Saving and reloading (tests/layer_harness.py), on [2, 6] features.
+FEATURES = (2, 6)
+
+
+@pytest.mark.parametrize("kwargs,out_shape", [
+    (dict(), (2, 6)),                                  # a middle layer
+    (dict(units=4, center=False, relu=False), (2, 4)),  # the last layer
+    (dict(units=3, batch_norm_decay=0.99, batch_norm_epsilon=1e-3,
+          global_bn=False), (2, 3)),
+])
+def test_projection_layer_saves_and_reloads(kwargs, out_shape):
+  result = run_layer_test(ProjectionLayer, kwargs, FEATURES,
+                          expected_output_shape=out_shape)
+  layer = result.reloaded.get_layer(result.layer.name)
+  assert (layer.bn.beta is not None) == kwargs.get("center", True)
+  assert layer.bn.momentum == kwargs.get("batch_norm_decay", 0.9)
+
+
+@pytest.mark.parametrize("kwargs,widths", [
+    (dict(out_dim=4), [6, 6, 6, 4]),
+    (dict(num_layers=2, out_dim=4, num_layers_kept=1), [6, 6]),
+    (dict(out_dim=4, num_layers_kept=0), [6]),
+    (dict(mode="linear", out_dim=3, global_bn=False), [6, 3]),
+    (dict(mode="none"), [6]),
+])
+def test_projection_head_saves_and_reloads(kwargs, widths):
+  result = run_layer_test(ProjectionHead, kwargs, FEATURES,
+                          expected_output_shape=[(2, w) for w in widths])
+  head = result.reloaded.get_layer(result.layer.name)
+  assert head.num_outputs == len(widths) - 1
+  assert [v.path for v in head.weights] == [
+      v.path for v in result.layer.weights]
+
+
+def test_supervised_head_saves_and_reloads():
+  # Always float32, also under mixed_bfloat16.
+  result = run_layer_test(SupervisedHead, dict(num_classes=3), FEATURES,
+                          expected_output_shape=(2, 3),
+                          mixed_dtypes="float32")
+  assert np.any(result.outputs != 0.0)   # the random weights came back
+  head = result.reloaded.get_layer("head_supervised")
+  assert head.dtype_policy.name == "float32"

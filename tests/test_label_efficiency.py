@@ -10,8 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import label_efficiency as le  # pylint: disable=g-import-not-at-top,wrong-import-position
-import run  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simclr_tf import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_tf import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture
@@ -27,9 +26,7 @@ def data_root(tmp_path):
 
 
 def _config(flags):
-  run.FLAGS.unparse_flags()
-  run.FLAGS(["run.py", *flags])
-  return config_lib.validate(run.config_from_flags())
+  return cli.config_from_args(flags)
 
 
 def _stages(data_root, *argv):

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import simclr_tf
 from simclr_tf import monitor
 
 
@@ -88,7 +89,7 @@ def test_pretraining_logs_knn_collapse_and_writes_the_projector(tmp_path):
                proj_out_dim=16, cache_dataset=False, precision="float32",
                mode="train_then_eval", knn_eval_epochs=1,
                knn_max_examples=250)
-  result = runner.run(cfg)
+  result = simclr_tf.run(cfg)
   tags = {}
   for path in tf.io.gfile.glob(str(tmp_path / "pre" / "train" / "events*")):
     for event in tf.compat.v1.train.summary_iterator(path):

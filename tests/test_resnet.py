@@ -1,5 +1,6 @@
 """Tests of the SimCLRv2 ResNet encoder (simclr_tf/models/resnet.py)."""
 
+import functools
 import re
 
 import keras
@@ -8,9 +9,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_fresh
+from layer_harness import run_layer_test
 from simclr_tf.models import blocks
 from simclr_tf.models import resnet as resnet_lib
-from simclr_tf.models.resnet import ResNet
+from simclr_tf.models.resnet import BlockGroup, ResNet, Stem
 
 SK_RATIO = 0.0625  # SimCLRv2 section 4 / official code: 1/16.
 
@@ -183,7 +185,65 @@ def test_parameter_count_matches_hand_count(depth, width, sk_ratio):
       depth, width, sk_ratio)
 
 
-# SimCLRv2 paper, Table 1: parameters (millions) by depth, width and SK.
+# He et al. 2016 (arXiv 1512.03385), Table 1: block type and blocks per
+# group (conv2_x .. conv5_x) by depth; 200 from He et al. 2016b (arXiv
+# 1603.05027). Written out here, not read from resnet.BLOCK_TYPES.
+HE_TABLE_1 = {
+    18: (False, (2, 2, 2, 2)),
+    34: (False, (3, 4, 6, 3)),
+    50: (True, (3, 4, 6, 3)),
+    101: (True, (3, 4, 23, 3)),
+    152: (True, (3, 8, 36, 3)),
+    200: (True, (3, 24, 36, 3)),
+}
+SMALL_WIDTH = 0.125  # 8 base channels: every depth builds in seconds.
+
+
+@functools.lru_cache(maxsize=None)
+def _small(depth: int, width: float) -> ResNet:
+  """An ImageNet-stem ResNet, built; shared by the tests below."""
+  return _built(depth=depth, width_multiplier=width)
+
+
+def _main_path_convs(model: ResNet) -> list:
+  """The weighted layers that give a ResNet its depth, in order: the stem
+  convolution and the convolutions of every block (not the projection
+  shortcuts)."""
+  convs = [model.stem.convs[0]]
+  for group in model.block_groups:
+    for block in group.blocks:
+      convs += [block.conv_0, block.conv_1]
+      if block.bottleneck:
+        convs.append(block.conv_2)
+  return convs
+
+
+@pytest.mark.parametrize("depth", sorted(HE_TABLE_1))
+def test_built_resnet_matches_he_et_al_table_1(depth):
+  bottleneck, blocks_per_group = HE_TABLE_1[depth]
+  model = _small(depth, SMALL_WIDTH)
+  assert tuple(len(g.blocks) for g in model.block_groups) == blocks_per_group
+  assert all(block.bottleneck == bottleneck
+             for g in model.block_groups for block in g.blocks)
+  # The depth counts the weighted layers: these convolutions and the
+  # classifier (which the encoder leaves to the heads).
+  assert len(_main_path_convs(model)) + 1 == depth
+  expansion = 4 if bottleneck else 1
+  out = model(tf.zeros([1, 32, 32, 3]), training=False)
+  # conv2_x .. conv5_x: 64, 128, 256, 512 base channels (x 4 for
+  # bottlenecks), at 1/4, 1/8, 1/16, 1/32 of the input.
+  for g, (base, size) in enumerate(zip((64, 128, 256, 512), (8, 4, 2, 1))):
+    assert tuple(out[f"block_group{g + 1}"].shape) == (
+        1, size, size, round(base * SMALL_WIDTH) * expansion)
+  assert model.output_dim == round(512 * expansion * SMALL_WIDTH)
+  # The built model has the parameters the hand count gives, which
+  # test_simclrv2_table_1_parameter_counts then extends to wide networks.
+  assert _num_params(model.trainable_weights) == _expected_trainable(
+      depth, SMALL_WIDTH)
+
+
+# SimCLRv2 paper (arXiv 2006.10029), Table 1: encoder parameters (millions,
+# rounded) by depth, width and selective kernels.
 PAPER_TABLE_1 = [
     (50, 1, False, 24), (50, 1, True, 35), (50, 2, False, 94),
     (50, 2, True, 140), (101, 1, False, 43), (101, 1, True, 65),
@@ -193,10 +253,34 @@ PAPER_TABLE_1 = [
 ]
 
 
-@pytest.mark.parametrize("depth,width,sk,millions", PAPER_TABLE_1)
-def test_hand_count_matches_paper_table_1(depth, width, sk, millions):
-  count = _expected_trainable(depth, width, SK_RATIO if sk else 0.0)
-  assert abs(count / 1e6 - millions) < 1.0  # The paper rounds to 1M.
+def _extrapolated_trainable(depth: int, width: float) -> int:
+  """Trainable parameters of a ResNet without SK at `width`, from built ones.
+
+  Without selective kernels every convolution has k * k * (c_in x w) *
+  (c_out x w) weights (the stem's: 7 * 7 * 3 * (64 x w)) and every batch
+  norm 2 * (c x w): the count is exactly a w^2 + b w. Two built narrow
+  networks give a and b.
+  """
+  w1, w2 = SMALL_WIDTH, 2 * SMALL_WIDTH
+  n1 = _num_params(_small(depth, w1).trainable_weights)
+  n2 = _num_params(_small(depth, w2).trainable_weights)
+  a = (n2 / w2 - n1 / w1) / (w2 - w1)
+  b = n1 / w1 - a * w1
+  return int(round(a * width ** 2 + b * width))
+
+
+@pytest.mark.parametrize("depth", [50, 101, 152])
+def test_simclrv2_table_1_parameter_counts(depth):
+  rows = [r for r in PAPER_TABLE_1 if r[0] == depth]
+  for _, width, sk, millions in rows:
+    hand = _expected_trainable(depth, width, SK_RATIO if sk else 0.0)
+    assert abs(hand / 1e6 - millions) < 1.0, (width, sk, hand)
+    if not sk:
+      # Without SK, the count of the built networks, extrapolated exactly.
+      assert _extrapolated_trainable(depth, width) == hand, (width, hand)
+  if depth == 50:
+    # torchvision's resnet50 without its 2048 x 1000 classifier.
+    assert _extrapolated_trainable(50, 1) == 23_508_032
 
 
 def test_resnet152_3x_sk_hand_count():
@@ -370,3 +454,53 @@ def test_freezing_a_block_group():
 def test_invalid_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ResNet(**kwargs)
+
+
+# Saving and reloading (tests/layer_harness.py), on tiny batches.
+
+
+@pytest.mark.parametrize("kwargs,out_shape", [
+    (dict(filters=4, num_blocks=2, bottleneck=False), (2, 8, 8, 4)),
+    (dict(filters=2, num_blocks=2, strides=2, resnet_d=True,
+          sk_ratio=SK_RATIO, se_ratio=0.25, batch_norm_decay=0.99,
+          global_bn=False), (2, 4, 4, 8)),
+])
+def test_block_group_saves_and_reloads(kwargs, out_shape):
+  result = run_layer_test(BlockGroup, kwargs, (2, 8, 8, 4),
+                          expected_output_shape=out_shape)
+  group = result.reloaded.get_layer(result.layer.name)
+  assert [b.name for b in group.blocks] == ["block_0", "block_1"]
+  assert [b.use_projection for b in group.blocks] == [True, False]
+
+
+@pytest.mark.parametrize("kwargs,out_shapes", [
+    (dict(filters=4, cifar_stem=True), [(2, 8, 8, 4), (2, 8, 8, 4)]),
+    (dict(filters=4), [(2, 4, 4, 4), (2, 2, 2, 4)]),
+    (dict(filters=4, resnet_d=True), [(2, 4, 4, 4), (2, 2, 2, 4)]),
+])
+def test_stem_saves_and_reloads(kwargs, out_shapes):
+  result = run_layer_test(Stem, kwargs, (2, 8, 8, 3),
+                          expected_output_shape=out_shapes)
+  stem = result.reloaded.get_layer(result.layer.name)
+  assert len(stem.convs) == (3 if kwargs.get("resnet_d") else 1)
+
+
+@pytest.mark.parametrize("kwargs,size", [
+    (dict(depth=18, width_multiplier=SMALL_WIDTH, cifar_stem=True), 8),
+    (dict(depth=18, width_multiplier=SMALL_WIDTH, sk_ratio=SK_RATIO,
+          se_ratio=0.25, batch_norm_decay=0.99, global_bn=False,
+          name="encoder"), 32),
+])
+def test_resnet_saves_and_reloads(kwargs, size):
+  model = ResNet(**kwargs)
+  expected = model.compute_output_shape((2, size, size, 3))
+  result = run_layer_test(ResNet, kwargs, (2, size, size, 3),
+                          input_data=np.random.default_rng(0).uniform(
+                              size=(2, size, size, 3)).astype(np.float32),
+                          expected_output_shape=expected)
+  encoder = result.reloaded.get_layer(kwargs.get("name", "resnet"))
+  assert set(result.outputs) == set(resnet_lib.OUTPUT_NAMES)
+  assert ([v.path for v in encoder.weights] ==
+          [v.path for v in result.layer.weights])
+  assert (f"{encoder.name}/block_group2/block_0/conv_1/kernel" in
+          [v.path for v in encoder.weights])

@@ -8,6 +8,8 @@ import os
 import re
 
 import pytest
+
+import simclr_tf
 import tensorflow as tf
 
 from simclr_tf import runner
@@ -97,7 +99,7 @@ def test_bad_runs_fail_with_one_line_before_training(changes, expected,
   model_dir = changes.pop("model_dir", str(tmp_path / "run"))
   cfg = Config(model_dir=model_dir, precision="float32", **changes)
   with pytest.raises(ConfigError) as err:
-    runner.run(cfg)
+    simclr_tf.run(cfg)
   assert expected.format(**values) in str(err.value)
   assert "\n" not in str(err.value)
   # Nothing was trained or exported.

@@ -89,7 +89,7 @@ def test_config_round_trip_and_bad_scaling():
       keras.optimizers.schedules.serialize(s))
   assert isinstance(clone, WarmUpAndCosineDecay)
   assert _lr(clone, 33) == _lr(s, 33)
-  with pytest.raises(ValueError, match="learning_rate_scaling"):
+  with pytest.raises(ValueError, match="scaling must be one of"):
     _schedule(scaling="cube")
   with pytest.raises(ValueError):
     _schedule(warmup_steps=-1)

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf.config import ModelConfig
+from layer_harness import run_layer_test
+from simclr_tf import config as config_lib
+from simclr_tf.config import Config, ModelConfig
 from simclr_tf.models import resnet as resnet_lib
 from simclr_tf.models import simclr as simclr_lib
 
@@ -109,3 +111,64 @@ def test_copy_weights_by_path(pretrain_net):
   x = tf.random.uniform([2, 32, 32, 3])
   np.testing.assert_allclose(clone(x)["proj_head_output"],
                              pretrain_net(x)["proj_head_output"], atol=1e-6)
+
+
+# The network of each stage saves to .keras and reloads (layer_harness).
+TINY = dict(resnet_depth=18, width_multiplier=0.125, proj_out_dim=8)
+STAGE_CONFIGS = {
+    "pretrain": Config(**TINY),
+    "finetune": Config(train_mode="finetune", **TINY),
+    "distill": Config(train_mode="distill", teacher="t", ft_proj_selector=2,
+                      **TINY),
+}
+
+
+def _images(size=8, batch=2):
+  return np.random.default_rng(0).uniform(
+      size=(batch, size, size, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
+def test_stage_model_saves_and_reloads(stage):
+  cfg = STAGE_CONFIGS[stage]
+  model_config = config_lib.model_config(cfg, num_classes=10)
+  kept = 3 if stage == "pretrain" else cfg.ft_proj_selector
+  expected = set(resnet_lib.OUTPUT_NAMES) | {
+      "default", "proj_head_input", "proj_head_output", "logits_sup"} | {
+          simclr_lib.proj_layer_key(j) for j in range(1, kept + 1)}
+  result = run_layer_test(
+      simclr_lib.SimCLR, dict(model_config=model_config), (2, 8, 8, 3),
+      input_data=_images(), mixed_dtypes={"logits_sup": "float32"})
+  # Every named output was compared, logits included (non-zero: the
+  # weights, the supervised head's too, were randomised).
+  assert set(result.outputs) == expected
+  assert np.any(result.outputs["logits_sup"] != 0.0)
+  reloaded = result.reloaded
+  assert type(reloaded) is simclr_lib.SimCLR
+  assert reloaded.model_config == model_config
+  assert [v.path for v in reloaded.variables] == [
+      v.path for v in result.layer.variables]
+  assert "simclr/resnet/block_group2/block_0/conv_1/kernel" in [
+      v.path for v in reloaded.variables]
+  for saved, loaded in zip(result.layer.variables, reloaded.variables):
+    np.testing.assert_array_equal(loaded.numpy(), saved.numpy())
+
+
+def test_saved_model_keeps_its_dtype_policy(tmp_path):
+  # Saved under mixed_bfloat16, loaded under float32: still bfloat16.
+  path = str(tmp_path / "mixed.keras")
+  saved_policy = keras.config.dtype_policy()
+  keras.config.set_dtype_policy("mixed_bfloat16")
+  try:
+    model = simclr_lib.build_model(ModelConfig(**TINY, num_classes=3), 8)
+    model.save(path)
+    keras.config.set_dtype_policy("float32")
+    reloaded = keras.saving.load_model(path)
+  finally:
+    keras.config.set_dtype_policy(saved_policy)
+  assert reloaded.backbone.dtype_policy.name == "mixed_bfloat16"
+  out = reloaded(_images())
+  assert out["final_avg_pool"].dtype == tf.bfloat16
+  assert out["proj_head_output"].dtype == tf.bfloat16
+  assert out["logits_sup"].dtype == tf.float32
+  assert all(v.dtype == "float32" for v in reloaded.variables)

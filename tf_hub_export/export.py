@@ -18,27 +18,24 @@ architecture and the structural path of every variable are written beside
 the graph (`assets.extra/simclr_tf.json`) so the next stage rebuilds the same
 Keras model and restores every weight by path, without tensor names.
 
-Exports are written to a temporary folder and moved into place, so a kill
-never leaves a half-written `saved_model/` and the previous export stays
-usable until the new one is complete. What a killed export leaves behind (its
-temporary folder, or the previous export set aside) is deleted by the next
-export that completes.
+Exports are written to a temporary folder and moved into place
+(`simclr_tf.atomic.write_dir`), so a kill never leaves a half-written
+`saved_model/` and the previous export stays usable until the new one is
+complete. What a killed export leaves behind (its temporary folder, or the
+previous export set aside) is deleted by the next export that completes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-import shutil
-import tempfile
-import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import tensorflow as tf
 
-from simclr_tf.config import ModelConfig
+from simclr_tf import atomic
+from simclr_tf.models.config import ModelConfig
 from simclr_tf.models.simclr import SimCLR, build_float32, copy_weights
 
 META_DIR = "assets.extra"
@@ -120,53 +117,13 @@ def export_saved_model(model: SimCLR, export_dir: str, image_size: int,
       variable_paths=tuple(v.path for v in model.variables),
       image_size=image_size, class_names=tuple(class_names),
       train_mode=train_mode, global_step=int(global_step))
-  export_dir = os.path.abspath(export_dir)
-  parent = os.path.dirname(export_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=_staging_prefix(export_dir), dir=parent)
-  try:
+
+  def write(staging):
     tf.saved_model.save(root, staging,
                         signatures={"serving_default": root.serve})
     os.makedirs(os.path.join(staging, META_DIR), exist_ok=True)
     with open(os.path.join(staging, META_DIR, META_FILE), "w") as f:
       f.write(meta.to_json())
-    _swap_into_place(staging, export_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  _remove_leftovers(export_dir)
+
+  atomic.write_dir(export_dir, write)
   return meta
-
-
-def _staging_prefix(export_dir: str) -> str:
-  return f".{os.path.basename(export_dir)}.tmp-"
-
-
-def _remove_leftovers(export_dir: str) -> None:
-  """Deletes what killed exports to `export_dir` left beside it.
-
-  Only called once a complete export is in place, so the previous export set
-  aside by an interrupted swap (`<export_dir>.old-*`) is no longer needed.
-  """
-  parent = os.path.dirname(export_dir)
-  pattern = os.path.join(glob.escape(parent),
-                         glob.escape(_staging_prefix(export_dir)) + "*")
-  old = glob.escape(export_dir) + ".old-*"
-  for path in glob.glob(pattern) + glob.glob(old):
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _swap_into_place(staging: str, export_dir: str) -> None:
-  """Replaces `export_dir` by `staging` with renames only.
-
-  The old export is renamed aside (one rename), the new one renamed in (one
-  rename), then the old one deleted. A kill between the two renames leaves
-  the old export at `<export_dir>.old-*`, which `resolve_export` finds.
-  """
-  old: Optional[str] = None
-  if os.path.exists(export_dir):
-    old = f"{export_dir}.old-{int(time.time() * 1000)}"
-    os.rename(export_dir, old)
-  os.rename(staging, export_dir)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)

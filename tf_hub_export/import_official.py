@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Optional, Sequence
+
+from simclr_tf import atomic
+from simclr_tf.models.config import fields_of_kind
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -50,14 +51,9 @@ class ImportReport:
 
   def arch_flags(self) -> str:
     """The run.py flags that describe this architecture."""
-    c = self.model_config
-    return (f"--resnet_depth={c.resnet_depth} "
-            f"--width_multiplier={c.width_multiplier} "
-            f"--sk_ratio={c.sk_ratio} --se_ratio={c.se_ratio} "
-            f"--image_size={self.image_size} "
-            f"--proj_head_mode={c.proj_head_mode} "
-            f"--num_proj_layers={c.num_proj_layers} "
-            f"--proj_out_dim={c.proj_out_dim}")
+    flags = [f"--{name}={getattr(self.model_config, name)}"
+             for name in fields_of_kind("arch")]
+    return " ".join(flags + [f"--image_size={self.image_size}"])
 
 
 def _model_name_prefix(model) -> str:
@@ -148,23 +144,15 @@ def import_checkpoint(src: str, output: str, ema: bool = False,
   model = build_float32(config, image_size)
   count = _assign(model, weights)
 
-  parent = os.path.dirname(output)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.import-",
-                             dir=parent)
-  try:
-    staged = os.path.join(staging, "saved_model")
+  def write(staged):
     export_lib.export_saved_model(
         model, staged, image_size, class_names=class_names,
         train_mode=f"import:{weights.form}", global_step=weights.global_step)
     # The written export must compute what the imported model computes.
     load_lib.check_outputs(model, tf.saved_model.load(staged), image_size)
     _check_output(output)
-    if os.path.isdir(output):
-      os.rmdir(output)
-    os.rename(staged, output)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+
+  atomic.write_dir(output, write, replace=False)
   return ImportReport(form=weights.form, output=output, model_config=config,
                       image_size=image_size, num_weights=count,
                       global_step=weights.global_step,

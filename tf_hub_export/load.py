@@ -8,7 +8,6 @@ carries the architecture and the path of every variable.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from typing import Callable, Iterable, Optional
 
@@ -16,7 +15,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from simclr_tf.config import ModelConfig
+from simclr_tf import atomic
+from simclr_tf.models.config import ModelConfig
 from simclr_tf.models.simclr import (SimCLR, build_float32, copy_weights,
                                      variables_by_path)
 from tf_hub_export.export import META_DIR, META_FILE, ExportMeta
@@ -30,8 +30,7 @@ def resolve_export(path: str) -> str:
   """`path` itself, or the previous export left aside by an interrupted swap."""
   if os.path.exists(os.path.join(path, "saved_model.pb")):
     return path
-  leftovers = sorted(glob.glob(f"{path.rstrip('/')}.old-*"))
-  for old in reversed(leftovers):
+  for old in reversed(atomic.previous_versions(path)):
     if os.path.exists(os.path.join(old, "saved_model.pb")):
       return old
   sub = os.path.join(path, "saved_model")

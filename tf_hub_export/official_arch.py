@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from simclr_tf.config import ModelConfig, whole_channels
+from simclr_tf.models.config import ModelConfig, whole_channels
 from simclr_tf.models import blocks as blocks_lib
 from simclr_tf.models import resnet as resnet_lib
 from tf_hub_export.official_layouts import OfficialFormatError

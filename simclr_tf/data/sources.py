@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from simclr_tf import config as config_lib
+from simclr_tf.data import BUNDLED_DATASET, IMAGE_FOLDER
 from simclr_tf.data import folder as folder_lib
 
 
@@ -99,7 +99,7 @@ class FolderSource(Source):
   """
 
   def __init__(self, root: str, split: str, strict: bool = False,
-               dataset: str = config_lib.IMAGE_FOLDER):
+               dataset: str = IMAGE_FOLDER):
     listing = folder_lib.list_image_folder(root, split, strict=strict)
     self.name = f"{dataset}/{split}"
     self.paths = listing.paths
@@ -136,6 +136,91 @@ class FolderSource(Source):
     return sorted(self.paths[i] for i in indices)
 
 
+class InMemoryData:
+  """Images held in memory, given to the library instead of a dataset name.
+
+  Args:
+    splits: {split name: (images, labels)}; images uint8 [N, H, W, 3]
+      (0-255), labels int [N] or None (unlabeled).
+    class_names: names of the labels 0..C-1 (default: 'class_<k>').
+  """
+
+  def __init__(self, splits: dict, class_names=()):
+    self.splits = {}
+    num_classes = 0
+    for split, (images, labels) in splits.items():
+      images = np.asarray(images)
+      if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"images of split {split!r} must be uint8 [N, H, W, 3]; received "
+            f"{images.dtype} {list(images.shape)}.")
+      if labels is not None:
+        labels = np.asarray(labels).astype(np.int32).reshape([-1])
+        if len(labels) != len(images):
+          raise ValueError(
+              f"split {split!r} has {len(images)} images but {len(labels)} "
+              "labels; give one label per image.")
+        if len(labels) and labels.min() < 0:
+          raise ValueError(f"labels of split {split!r} must be >= 0; "
+                           f"received {int(labels.min())}.")
+        num_classes = max(num_classes, int(labels.max()) + 1 if len(labels)
+                          else 0)
+      self.splits[split] = (images, labels)
+    self.class_names = tuple(class_names) or tuple(
+        f"class_{k}" for k in range(num_classes))
+    if num_classes > len(self.class_names):
+      raise ValueError(f"labels go up to {num_classes - 1} but only "
+                       f"{len(self.class_names)} class names were given.")
+
+  def __repr__(self):
+    sizes = ", ".join(f"{s}: {len(v[0])} images" for s, v in
+                      self.splits.items())
+    return f"in-memory data ({sizes})"
+
+  def has_split(self, split: str) -> bool:
+    return split in self.splits
+
+
+class ArraySource(Source):
+  """One split of `InMemoryData`: random access.
+
+  Args:
+    data: the `InMemoryData`.
+    split: the split's name.
+  """
+
+  def __init__(self, data: InMemoryData, split: str):
+    if not data.has_split(split):
+      raise ValueError(f"the in-memory data has no split {split!r} (it has "
+                       f"{', '.join(data.splits)}).")
+    images, labels = data.splits[split]
+    self.name = f"in-memory/{split}"
+    self._images = images
+    self.num_examples = len(images)
+    self.num_bytes = int(images.nbytes)
+    if labels is None:
+      self._labels = np.full([len(images)], -1, np.int32)
+    else:
+      self._labels = labels
+      self.num_classes = len(data.class_names)
+      self.class_names = tuple(data.class_names)
+
+  def labels(self) -> np.ndarray:
+    return self._labels
+
+  def encoded(self, indices: np.ndarray) -> tf.data.Dataset:
+    # PNG is lossless: the pipeline decodes it back to the same pixels.
+    ds = tf.data.Dataset.from_tensor_slices(
+        (self._images[indices], self._labels[indices]))
+    return ds.map(lambda image, label: (tf.io.encode_png(image), label),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def loader(self, indices: np.ndarray) -> Callable:
+    images = tf.constant(self._images[indices])
+    labels = tf.constant(self._labels[indices])
+    return lambda position: (images[position], labels[position])
+
+
 def _tfds_builder(dataset: str, data_dir: str):
   """The TFDS builder of a dataset name, with a one-line error if unknown."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -143,8 +228,8 @@ def _tfds_builder(dataset: str, data_dir: str):
     return tfds.builder(dataset, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(
-        f"--dataset={dataset!r} is unknown; use {config_lib.BUNDLED_DATASET}"
-        f", {config_lib.IMAGE_FOLDER} (with --data_dir=ROOT) or the name of a "
+        f"--dataset={dataset!r} is unknown; use {BUNDLED_DATASET}"
+        f", {IMAGE_FOLDER} (with --data_dir=ROOT) or the name of a "
         "TFDS dataset prepared in --data_dir (e.g. cifar10, imagenet2012)."
     ) from None
 
@@ -254,12 +339,14 @@ def bundled_sample_dir() -> str:
 
 def _folder_root(dataset: str, data_dir: str) -> Optional[str]:
   """ROOT of an image-folder dataset, or None for a TFDS name."""
-  if dataset == config_lib.BUNDLED_DATASET:
+  if isinstance(dataset, InMemoryData):
+    return None
+  if dataset == BUNDLED_DATASET:
     return bundled_sample_dir()
-  if dataset == config_lib.IMAGE_FOLDER:
+  if dataset == IMAGE_FOLDER:
     if not data_dir:
       raise ValueError(
-          f"--dataset={config_lib.IMAGE_FOLDER} needs --data_dir=ROOT with "
+          f"--dataset={IMAGE_FOLDER} needs --data_dir=ROOT with "
           f"{folder_lib.LAYOUT}.")
     if not os.path.isdir(data_dir):
       raise ValueError(f"--data_dir={data_dir} does not exist; expected "
@@ -282,6 +369,8 @@ def open_source(dataset: str, data_dir: str, split: str,
   Raises:
     ValueError: unknown dataset, missing folder or split, no usable image.
   """
+  if isinstance(dataset, InMemoryData):
+    return ArraySource(dataset, split)
   root = _folder_root(dataset, data_dir)
   if root is not None:
     return FolderSource(root, split, strict=strict, dataset=dataset)
@@ -292,6 +381,9 @@ def open_source(dataset: str, data_dir: str, split: str,
 def _split_size(dataset: str, data_dir: str, split: str,
                 strict: bool) -> int:
   """Examples of a split; 0 when it does not exist."""
+  if isinstance(dataset, InMemoryData):
+    return (ArraySource(dataset, split).num_examples
+            if dataset.has_split(split) else 0)
   root = _folder_root(dataset, data_dir)
   if root is not None:
     if not folder_lib.split_exists(root, split):
@@ -357,6 +449,6 @@ def get_info(dataset: str, data_dir: str, train_split: str, eval_split: str,
     num_train = len(select_label_fraction(train.labels(), label_fraction,
                                           seed))
   return DatasetInfo(
-      name=dataset, num_classes=train.num_classes,
+      name=str(dataset), num_classes=train.num_classes,
       class_names=tuple(train.class_names), num_train_examples=num_train,
       num_eval_examples=_split_size(dataset, data_dir, eval_split, strict))

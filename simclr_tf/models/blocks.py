@@ -83,6 +83,7 @@ def nhwc(channels: int):
   return (None, None, None, channels)
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class BNLayer(keras.layers.Layer):
   """Base of the layers below: holds the batch-norm arguments."""
 
@@ -108,6 +109,7 @@ class BNLayer(keras.layers.Layer):
     return config
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class SelectiveKernel(BNLayer):
   """Selective-kernel 3x3 convolution as in the official SimCLRv2 code.
 
@@ -174,6 +176,7 @@ class SelectiveKernel(BNLayer):
     return config
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class SqueezeExcite(keras.layers.Layer):
   """Squeeze-and-excitation gate (Hu et al. 2018, arXiv 1709.01507).
 
@@ -223,6 +226,7 @@ class SqueezeExcite(keras.layers.Layer):
     return config
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class ResidualBlock(BNLayer):
   """A basic (two 3x3) or bottleneck (1x1, 3x3, 1x1) residual block.
 

@@ -14,13 +14,14 @@ from typing import Any, Optional
 import keras
 from keras import ops
 
-from simclr_tf.config import PROJ_HEAD_MODES, num_proj_layers
+from simclr_tf.models.config import PROJ_HEAD_MODES, num_proj_layers
 from simclr_tf.models.batch_norm import BatchNormalization
 
 # Dense kernels of the projection head start at N(0, 0.01^2), as officially.
 PROJ_KERNEL_STDDEV = 0.01
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class ProjectionLayer(keras.layers.Layer):
   """Dense (no bias) + batch norm (+ ReLU): one layer of the projection head.
 
@@ -91,6 +92,7 @@ class ProjectionLayer(keras.layers.Layer):
     return config
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class ProjectionHead(keras.layers.Layer):
   """The SimCLR projection head g(.), layers 'layer_1' .. 'layer_k'.
 
@@ -199,6 +201,7 @@ class ProjectionHead(keras.layers.Layer):
     return config
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class SupervisedHead(keras.layers.Layer):
   """Linear classifier 'head_supervised/dense', zero-initialised, float32.
 

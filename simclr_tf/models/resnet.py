@@ -27,9 +27,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import keras
 from keras import ops
 
-from simclr_tf import config as config_lib
+from simclr_tf.models.config import whole_channels
 from simclr_tf.models.blocks import (BNLayer, ResidualBlock, apply_conv,
                                      make_conv, nhwc, num_channels)
 
@@ -50,6 +51,7 @@ OUTPUT_NAMES = ("initial_conv", "initial_max_pool", "block_group1",
                 "final_avg_pool")
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class BlockGroup(BNLayer):
   """`num_blocks` residual blocks 'block_0', 'block_1', ...; the first strides
   and has the projection shortcut.
@@ -122,6 +124,7 @@ class BlockGroup(BNLayer):
     return config
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class Stem(BNLayer):
   """The layers before the first block group.
 
@@ -186,6 +189,7 @@ class Stem(BNLayer):
     return config
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class ResNet(BNLayer):
   """The SimCLRv2 ResNet encoder (a Keras layer, NHWC).
 
@@ -236,7 +240,7 @@ class ResNet(BNLayer):
     if depth not in BLOCK_TYPES:
       raise ValueError(f"depth must be one of {sorted(BLOCK_TYPES)}. "
                        f"Received: depth={depth}")
-    if not config_lib.whole_channels(width_multiplier):
+    if not whole_channels(width_multiplier):
       raise ValueError(
           f"width_multiplier must be positive with {GROUP_FILTERS[0]} x "
           f"width_multiplier a whole number (e.g. 0.25, 0.5, 1, 2). "

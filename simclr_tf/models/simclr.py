@@ -12,7 +12,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from simclr_tf.config import ModelConfig
+from simclr_tf.models.config import ModelConfig
 from simclr_tf.models.heads import ProjectionHead, SupervisedHead
 from simclr_tf.models.resnet import ResNet
 
@@ -22,6 +22,7 @@ def proj_layer_key(j: int) -> str:
   return f"proj_head_layer_{j}"
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class SimCLR(keras.Model):
   """Encoder + projection head (+ supervised head) of SimCLRv2.
 
@@ -31,6 +32,10 @@ class SimCLR(keras.Model):
     `proj_head_layer_j` for every kept projection layer j, `proj_head_output`
     (the last kept layer's output) and `logits_sup` when a supervised head
     exists. Images are in [0, 1], NHWC.
+
+  The encoder and projection head take the model's dtype policy (the global
+  one unless `dtype` is given, which is how `keras.saving.load_model`
+  restores a saved model's); the supervised head always computes float32.
   """
 
   def __init__(self, model_config: ModelConfig, name="simclr", **kwargs):
@@ -41,14 +46,26 @@ class SimCLR(keras.Model):
         depth=c.resnet_depth, width_multiplier=c.width_multiplier,
         sk_ratio=c.sk_ratio, se_ratio=c.se_ratio, cifar_stem=c.cifar_stem,
         batch_norm_decay=c.batch_norm_decay, global_bn=c.global_bn,
-        name="resnet")
+        name="resnet", dtype=self.dtype_policy)
     self.proj_head = ProjectionHead(
         mode=c.proj_head_mode, num_layers=c.num_proj_layers,
         out_dim=c.proj_out_dim, num_layers_kept=c.proj_layers_kept,
         batch_norm_decay=c.batch_norm_decay, global_bn=c.global_bn,
-        name="proj_head")
+        name="proj_head", dtype=self.dtype_policy)
     self.sup_head = (SupervisedHead(c.num_classes, name="head_supervised")
                      if c.num_classes else None)
+
+  def build(self, input_shape):
+    # Builds every sublayer from the image shape alone, so that
+    # `keras.saving.load_model` (which calls `build` with the saved input
+    # shape) creates the variables under this model's name, with the paths
+    # a call creates (`simclr/resnet/...`).
+    self.backbone.build(input_shape)
+    features = (input_shape[0], self.backbone.output_dim)
+    self.proj_head.build(features)
+    if self.sup_head is not None:
+      hidden_shapes = self.proj_head.compute_output_shape(features)
+      self.sup_head.build(hidden_shapes[self.model_config.sup_head_input])
 
   def call(self, images, training=False):
     outputs = dict(self.backbone(images, training=training))
@@ -71,13 +88,19 @@ class SimCLR(keras.Model):
     return self
 
   def get_config(self):
-    return {"name": self.name,
-            "model_config": dataclasses.asdict(self.model_config)}
+    """The constructor arguments: `model_config` as a plain dict, plus the
+    Layer ones (name, trainable, dtype)."""
+    config = super().get_config()
+    config["model_config"] = dataclasses.asdict(self.model_config)
+    return config
 
   @classmethod
   def from_config(cls, config):
     config = dict(config)
-    return cls(ModelConfig.from_dict(config.pop("model_config")), **config)
+    model_config = config.pop("model_config")
+    if not isinstance(model_config, ModelConfig):
+      model_config = ModelConfig.from_dict(model_config)
+    return cls(model_config, **config)
 
 
 def build_model(model_config: ModelConfig, image_size: int) -> SimCLR:

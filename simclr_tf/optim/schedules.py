@@ -13,7 +13,7 @@ import math
 import keras
 import tensorflow as tf
 
-from simclr_tf import config as config_lib
+from simclr_tf.optim.scaling import scaled_learning_rate
 
 
 @keras.saving.register_keras_serializable(package="simclr_tf")
@@ -45,8 +45,8 @@ class WarmUpAndCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
     self.total_steps = int(total_steps)
     self.warmup_steps = int(warmup_steps)
     self.scaling = scaling
-    # Raises ConfigError (a ValueError) for an unknown scaling.
-    self.scaled_learning_rate = config_lib.scaled_learning_rate(
+    # Raises ValueError for an unknown scaling.
+    self.scaled_learning_rate = scaled_learning_rate(
         self.base_learning_rate, self.batch_size, scaling)
 
   def __call__(self, step):
