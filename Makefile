@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Two test processes (pytest-xdist): most of a test's time is single-threaded
+# graph building, so two of them share 2 cores about twice as fast. The slow
+# and official tests keep each file in one process (module fixtures train).
+WORKERS ?= 2
 
 .PHONY: demo test test-all test-slow test-official bench clean
 
@@ -21,19 +25,19 @@ demo: $(STAMP)
 
 # The default suite (fast tests, no ../shared needed).
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not official" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) -m "not slow and not official" $(PYTEST_ARGS)
 
 # Training subprocesses, multi-worker, preemption and hub tests.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m "slow and not official" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m "slow and not official" $(PYTEST_ARGS)
 
 # The importer against checkpoints written by the official SimCLR code
 # (../shared/official_simclr; these tests skip without it).
 test-official: $(STAMP)
-	$(PY) -m pytest -q -m official $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m official $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py

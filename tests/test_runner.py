@@ -1,4 +1,4 @@
-"""The checks `runner.run` makes before building a model: data, exports and
+"""The checks a run makes before building a model: data, exports and
 model_dir. Each is one line naming the flag; nothing is trained or written.
 
 (The command line turns them into exit status 2: `test_run_cli.py`.)
@@ -102,9 +102,42 @@ def test_bad_runs_fail_with_one_line_before_training(changes, expected,
     simclr_tf.run(cfg)
   assert expected.format(**values) in str(err.value)
   assert "\n" not in str(err.value)
-  # Nothing was trained or exported.
-  assert not os.path.exists(os.path.join(model_dir, "checkpoints"))
-  assert not os.path.exists(os.path.join(model_dir, "saved_model"))
+  # Nothing was trained, exported or recorded.
+  for name in ("checkpoints", "saved_model", "flags.json", "result.json"):
+    assert not os.path.exists(os.path.join(model_dir, name)), name
+
+
+def _train_only_folder(root):
+  """An image folder with a train/ split and no test/ split."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for cls in ("a", "b"):
+    os.makedirs(root / "train" / cls)
+    for i in range(4):
+      Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(
+          root / "train" / cls / f"{i}.png")
+  return str(root)
+
+
+def test_a_refused_run_leaves_the_previous_record(tmp_path):
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  (model_dir / "flags.json").write_text('{"a": "previous run"}')
+  cfg = Config(model_dir=str(model_dir), train_batch_size=100000)
+  with pytest.raises(ConfigError, match="is larger than"):
+    simclr_tf.run(cfg)
+  assert (model_dir / "flags.json").read_text() == '{"a": "previous run"}'
+
+
+def test_train_then_eval_without_the_eval_split_is_refused_first(tmp_path):
+  cfg = Config(mode="train_then_eval", dataset="image_folder",
+               data_dir=_train_only_folder(tmp_path / "data"),
+               model_dir=str(tmp_path / "run"), train_batch_size=4)
+  with pytest.raises(ConfigError, match="--eval_split='test' of "
+                     "--dataset=image_folder has no examples"):
+    simclr_tf.run(cfg)
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 def test_init_head_starts_the_student_as_its_teacher(tmp_path):
