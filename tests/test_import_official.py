@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import simclr_tf
 from conftest import ROOT, TINY_FLAGS, run_cli
 from simclr_tf.config import ModelConfig
 from simclr_tf.models.simclr import build_float32
@@ -555,3 +556,21 @@ def test_source_may_be_a_prefix_a_file_of_it_or_a_folder(tmp_path):
   assert official.resolve_source(
       latest + ".data-00000-of-00001") == ("checkpoint", latest)
   assert official.read(str(folder)).form == "tf2_checkpoint"
+
+
+def test_the_python_api_imports_and_loads_exactly(tmp_path):
+  model = _random_model(R18_SE, 32, seed=2)
+  prefix = write_checkpoint(str(tmp_path / "ckpt" / "ckpt-5"),
+                            _with_training_state_tf2(tf2_tensors(model)))
+  path = simclr_tf.import_official(prefix, str(tmp_path / "out"),
+                                   image_size=32)
+  loaded = simclr_tf.load_export(path)
+  images = np.random.default_rng(1).uniform(
+      size=(2, 32, 32, 3)).astype(np.float32)
+  ours = model(images, training=False)
+  theirs = loaded(images, training=False)
+  for key in ("final_avg_pool", "proj_head_output", "logits_sup"):
+    assert _max_rel_err(theirs[key].numpy(), ours[key].numpy()) < 1e-5, key
+  with pytest.raises(ValueError, match="holds no checkpoint") as err:
+    simclr_tf.import_official(_no_checkpoint(tmp_path), str(tmp_path / "o2"))
+  assert "--" not in str(err.value)
