@@ -262,6 +262,7 @@ def test_synthetic_checkpoint_imports_exactly(tmp_path, layout, config,
   assert meta.train_mode == f"import:{layout}_checkpoint"
 
 
+@pytest.mark.slow
 def test_tf1_ema_copy_is_imported_with_ema_and_ignored_without(tmp_path):
   online = _random_model(R18_SE, 32, seed=2)
   averaged = _random_model(R18_SE, 32, seed=3)

@@ -299,6 +299,7 @@ def _mirrored_check():
   return "MIRRORED_OK"
 
 
+@pytest.mark.slow
 def test_mirrored_update_is_identical_on_both_replicas():
   assert run_fresh(__file__, "_mirrored_check") == "MIRRORED_OK"
 

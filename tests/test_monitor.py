@@ -5,6 +5,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import simclr_tf
@@ -79,9 +80,9 @@ def test_monitor_evaluates_every_n_steps_and_logs(tmp_path):
   assert tf.io.gfile.listdir(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_pretraining_logs_knn_collapse_and_writes_the_projector(tmp_path):
   # pylint: disable=g-import-not-at-top
-  from simclr_tf import runner
   from simclr_tf.config import Config
   cfg = Config(model_dir=str(tmp_path / "pre"), resnet_depth=18,
                width_multiplier=0.25, image_size=32, train_batch_size=100,
