@@ -17,9 +17,11 @@ is deleted at the end.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Optional
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -147,6 +149,18 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy,
   if flags & {"avx512_bf16", "amx_bf16"}:
     return "mixed_bfloat16"
   return "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+  """Sets Keras' global dtype policy for a run and gives the caller's back
+  (also after an exception)."""
+  saved = keras.config.dtype_policy()
+  keras.config.set_dtype_policy(name)
+  try:
+    yield
+  finally:
+    keras.config.set_dtype_policy(saved)
 
 
 def _task(strategy: tf.distribute.Strategy):

@@ -106,9 +106,7 @@ def evaluate_run(cfg: Config) -> dict:
   plan = make_plan(cfg, training=False)
   chief = distribute.is_chief(strategy)
   precision = distribute.resolve_precision(cfg.precision, strategy)
-  saved = keras.config.dtype_policy()
-  keras.config.set_dtype_policy(precision)
-  try:
+  with distribute.dtype_policy(precision):
     net, step = _network(cfg, plan, strategy)
     with strategy.scope():
       learner = Learner(net, task=None)
@@ -119,7 +117,5 @@ def evaluate_run(cfg: Config) -> dict:
       result["projector"] = projector.write_run_projector(cfg, plan, net)
       atomic.write_text(os.path.join(cfg.model_dir, RESULT_FILE),
                         json.dumps(result, indent=2))
-  finally:
-    keras.config.set_dtype_policy(saved)
   distribute.barrier(strategy)
   return result

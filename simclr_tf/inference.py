@@ -59,14 +59,21 @@ class InferenceResult:
             "seconds": round(self.seconds, 2)}
 
 
+def _read_meta(path: str):
+  """The meta of one of our exports; InferenceError otherwise."""
+  # pylint: disable=g-import-not-at-top
+  from tf_hub_export import load as load_lib
+  try:
+    return load_lib.read_meta(path, "init_from")
+  except load_lib.ExportError as e:
+    raise InferenceError(str(e)) from e
+
+
 def _load_export(path: str):
   """(SavedModel, meta) of one of our exports; InferenceError otherwise."""
   # pylint: disable=g-import-not-at-top
   from tf_hub_export import load as load_lib
-  try:
-    meta = load_lib.read_meta(path, "init_from")
-  except load_lib.ExportError as e:
-    raise InferenceError(str(e)) from e
+  meta = _read_meta(path)
   return tf.saved_model.load(load_lib.resolve_export(path)), meta
 
 
@@ -239,7 +246,7 @@ def run(mode: str, export: str, data_dir: str, split: str, model_dir: str,
   if not export:
     raise InferenceError(f"--mode={mode} needs --init_from=EXPORT (a "
                          "saved_model/ of ours or an imported official one).")
-  _, meta = _load_export(export)
+  meta = _read_meta(export)
   if mode == "predict" and not meta.model_config.num_classes:
     raise InferenceError(
         f"--init_from={export!r} has no supervised head; --mode=predict "

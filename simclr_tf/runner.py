@@ -10,7 +10,6 @@ asked to; what an export handed over must satisfy is `simclr_tf.handover`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -252,17 +251,6 @@ def export(cfg: Config, plan: Plan, learner, step: int) -> str:
   return path
 
 
-@contextlib.contextmanager
-def dtype_policy(name: str):
-  """Sets Keras' global dtype policy for a run and gives the caller's back."""
-  saved = keras.config.dtype_policy()
-  keras.config.set_dtype_policy(name)
-  try:
-    yield
-  finally:
-    keras.config.set_dtype_policy(saved)
-
-
 def train_stage(cfg: Config, evaluate: Optional[bool] = False) -> TrainOutcome:
   """Trains `cfg.train_mode` to its last step (resuming from model_dir's
   newest checkpoint), exports the network and, if `evaluate`, measures it
@@ -299,7 +287,7 @@ def train_stage(cfg: Config, evaluate: Optional[bool] = False) -> TrainOutcome:
   chief = distribute.is_chief(strategy)
   cfg = cfg.replace(
       precision=distribute.resolve_precision(cfg.precision, strategy))
-  with dtype_policy(cfg.precision):
+  with distribute.dtype_policy(cfg.precision):
     return _train(cfg, plan, strategy, chief, evaluate)
 
 
