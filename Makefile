@@ -15,7 +15,7 @@ WORKERS ?= 2
 $(STAMP): setup.py requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,bench]"
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,bench,deploy]"
 	touch $(STAMP)
 
 # The three stages (pretrain -> fine-tune on 10% -> self-distill) and a

@@ -32,6 +32,10 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3.8", "tensorflow-hub>=0.16",
                  "tf-keras>=2.21,<2.22"],
         "bench": ["matplotlib>=3.8"],
+        # simclr_tf.deploy: LiteRT (TFLite) and ONNX files of an export, run
+        # with ai-edge-litert's interpreter and onnxruntime for the check.
+        "deploy": ["ai-edge-litert>=2.3,<3", "tf2onnx>=1.17,<2",
+                   "onnx>=1.23,<2", "onnxruntime>=1.32,<2"],
     },
     entry_points={"console_scripts": [
         "simclr-tf=simclr_tf.cli:entry_point",

@@ -1,6 +1,7 @@
 """Shared test harness: quiet TensorFlow, tiny configs, a CLI runner, and a
 fresh process with the CPU split into logical devices."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -129,3 +130,32 @@ TINY_FLAGS = (
 @pytest.fixture
 def tiny_flags():
   return list(TINY_FLAGS)
+
+
+def snapshot(*roots, dirs: bool = False) -> dict:
+  """{path: sha256} of every file under `roots` (files or folders), and
+  {path: '<dir>'} of every folder with `dirs`: what a refused or failed run
+  must leave byte-identical."""
+  digests = {}
+  for root in roots:
+    root = str(root)
+    paths = [root] if os.path.isfile(root) else []
+    for folder, subdirs, files in os.walk(root):
+      paths += [os.path.join(folder, name) for name in files]
+      if dirs:
+        digests.update({os.path.join(folder, d): "<dir>" for d in subdirs})
+    for path in paths:
+      with open(path, "rb") as f:
+        digests[path] = hashlib.sha256(f.read()).hexdigest()
+  return digests
+
+
+def assert_refused(proc, status, *phrases):
+  """Exit `status`, and the last line of stderr is run.py's one-line error
+  holding every phrase; returns that line."""
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == status, proc.stderr[-3000:]
+  assert lines and lines[-1].startswith("run.py: error: "), lines[-5:]
+  for phrase in phrases:
+    assert phrase in lines[-1], lines[-1]
+  return lines[-1]
