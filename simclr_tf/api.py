@@ -85,13 +85,14 @@ def _as_argument_error(error: Exception) -> ArgumentError:
 def _call(fn, *args, **kwargs):
   """Runs `fn`, turning the library's one-line errors into ArgumentError."""
   # pylint: disable=g-import-not-at-top
+  from simclr_tf.deploy import DeployError
   from simclr_tf.inference import InferenceError
   from tf_hub_export.load import ExportError
   try:
     return fn(*args, **kwargs)
   except ArgumentError:
     raise
-  except (ConfigError, InferenceError, ExportError) as e:
+  except (ConfigError, InferenceError, ExportError, DeployError) as e:
     raise _as_argument_error(e) from e
 
 
@@ -471,7 +472,78 @@ def load_export(path: str):
   return _call(lambda: load_lib.load_model(os.fspath(path), flag="path")[0])
 
 
-def import_official(source: str, output: str, *, ft_proj_selector: int = 0,
+def _deploy(cfg: Config) -> dict:
+  """--mode=export: the --init_from export as one file for devices."""
+  # pylint: disable=g-import-not-at-top
+  from simclr_tf import deploy
+  from tf_hub_export import load as load_lib
+  deploy.check_options(cfg.export_format, cfg.quantize, cfg.min_agreement)
+  try:
+    meta = load_lib.read_meta(cfg.init_from, "init_from")   # verified
+  except load_lib.ExportError as e:
+    raise ConfigError(str(e)) from e
+  representative = None
+  if cfg.quantize == "int8":
+    representative, _ = deploy.read_split(
+        cfg.dataset, cfg.data_dir, cfg.train_split, meta.image_size,
+        count=deploy.REPRESENTATIVE_COUNT, seed=cfg.seed)
+  images, labels = deploy.read_split(cfg.dataset, cfg.data_dir,
+                                     cfg.eval_split, meta.image_size)
+  return deploy.export(
+      cfg.init_from, cfg.model_dir, export_format=cfg.export_format,
+      quantize=cfg.quantize, representative_images=representative,
+      eval_images=images, eval_labels=labels,
+      min_agreement=cfg.min_agreement)
+
+
+def export_for_deployment(export: str, output_dir: str, data=None,
+                          labels=None, *, eval_data=None, eval_labels=None,
+                          export_format: str = "litert",
+                          quantize: str = "none", min_agreement: float = 0.98,
+                          **options) -> dict:
+  """Writes an export as one file for devices, checked against it.
+
+  `run.py --mode=export` in Python: a LiteRT (`quantize` none, dynamic or
+  int8) or ONNX file that takes uint8 images `[N, S, S, 3]` and returns
+  `probabilities` and `embedding` (docs/deploy.md). int8 calibrates on a
+  reproducible sample of the training images of `data`; the converted model
+  runs on the eval images beside the SavedModel, and below `min_agreement`
+  of unchanged predictions nothing is kept.
+
+  Args:
+    export: a stage's `saved_model/` (usually the distilled student).
+    output_dir: a new (or empty) folder for the file, `class_names.txt` and
+      `export_report.json`.
+    data: an image folder, `cifar10_sample`, a TFDS name, or NumPy training
+      images (with `labels=`, and `eval_data=`/`eval_labels=`).
+    labels, eval_data, eval_labels: for NumPy `data`.
+    export_format: 'litert' or 'onnx'.
+    quantize: 'none', 'dynamic' or 'int8' (LiteRT).
+    min_agreement: the fraction of eval images whose top-1 (or nearest
+      neighbour, for an export without a supervised head) must not change.
+    **options: train_split, eval_split, data_dir, seed.
+  Returns:
+    The report (also `output_dir/export_report.json`): top-1 of both,
+    agreement, largest probability difference, size, latency.
+  Raises:
+    ArgumentError: bad arguments, export or data, or an agreement below
+      `min_agreement`.
+  """
+  if data is None:
+    raise ArgumentError(
+        "data is None; give the images to check the export on (its eval "
+        "split) and, for quantize='int8', to calibrate it (its training "
+        "split): an image folder, a dataset name or NumPy images.")
+  _check_options(options)
+  values = dict(options, mode="export", init_from=os.fspath(export),
+                model_dir=os.fspath(output_dir), export_format=export_format,
+                quantize=quantize, min_agreement=min_agreement)
+  values.update(_data_options(data, labels, eval_data, eval_labels, options))
+  return _call(lambda: _deploy(config_lib.validate(Config(**values))))
+
+
+def import_official(source: str, output: str, *,
+                    ft_proj_selector: Optional[int] = None,
                     ema: bool = False, class_names=(),
                     image_size: int = 0) -> str:
   """Imports a checkpoint released by the official SimCLR code.
@@ -480,8 +552,10 @@ def import_official(source: str, output: str, *, ft_proj_selector: int = 0,
     source: a TF1 checkpoint, hub module or TF2 SavedModel of the official
       code (see docs/importing.md).
     output: the export folder to create (must not exist, or be empty).
-    ft_proj_selector: the projection output feeding the supervised head
-      (1 for the released `finetuned_*` models).
+    ft_proj_selector: the projection output feeding the supervised head;
+      None reads it from the checkpoint's graph where it has one (a
+      SavedModel, a hub module, a `.meta` file), else assumes 0 and says
+      so in the log; a value that contradicts the graph is refused.
     ema: import the TF1 `ema_model/` weights.
     class_names: the supervised head's class names, if known.
     image_size: the export's nominal image size (0: 32 or 224 by stem).
@@ -519,6 +593,8 @@ def run(cfg: Config) -> dict:
     return inference.run_config(config_lib.validate(cfg))
   if cfg.mode == "eval":
     return evaluation.evaluate_run(cfg)
+  if cfg.mode == "export":
+    return _deploy(config_lib.validate(cfg))
   # pylint: disable=g-import-not-at-top
   from simclr_tf import runner
   outcome = runner.train_stage(cfg, evaluate=cfg.mode == "train_then_eval")

@@ -16,6 +16,29 @@ import time
 from typing import Callable, Optional
 
 
+class WriteError(OSError):
+  """A file or folder could not be written (disk full, read-only, ...).
+
+  The message is one line naming the target, the reason and the fix; what
+  was there before is left as it was and no temporary file remains.
+  """
+
+
+def _is_io_error(error: BaseException) -> bool:
+  """An OSError, or a TensorFlow op error (an I/O failure inside
+  `tf.saved_model.save` and friends; recognised without importing TF)."""
+  return isinstance(error, OSError) or hasattr(error, "error_code")
+
+
+def _write_error(target: str, error: BaseException) -> WriteError:
+  reason = (getattr(error, "strerror", None) or getattr(error, "message", None)
+            or str(error) or type(error).__name__)
+  reason = str(reason).strip().splitlines()[0][:200]
+  return WriteError(
+      f"Could not write {target} ({reason}); nothing was changed there: free "
+      "space or make the folder writable, then rerun the same command.")
+
+
 def write_file(path: str, write_fn: Callable[[str], None]) -> str:
   """Calls `write_fn(tmp)` to write a temporary file, then renames it to
   `path`. On any failure the temporary file is removed and `path` keeps its
@@ -24,11 +47,37 @@ def write_file(path: str, write_fn: Callable[[str], None]) -> str:
   try:
     write_fn(tmp)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if _is_io_error(e) and not isinstance(e, WriteError):
+      raise _write_error(path, e) from e
     raise
   return path
+
+
+def write_files(writers: dict) -> list:
+  """Writes several files as one: `{path: write_fn}`; every `write_fn(tmp)`
+  writes a temporary file first, and only when all succeeded are they
+  renamed into place (renames do not fail for want of space). On any
+  failure every temporary file is removed and every path keeps its old
+  content; an I/O failure is raised as `WriteError`."""
+  temps = {path: f"{path}.tmp-{os.getpid()}" for path in writers}
+  try:
+    for path, write_fn in writers.items():
+      try:
+        write_fn(temps[path])
+      except BaseException as e:
+        if _is_io_error(e) and not isinstance(e, WriteError):
+          raise _write_error(path, e) from e
+        raise
+    for path, tmp in temps.items():
+      os.replace(tmp, path)
+  finally:
+    for tmp in temps.values():
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  return list(writers)
 
 
 def write_text(path: str, text: str) -> str:
@@ -59,11 +108,16 @@ def write_dir(target: str, write_fn: Callable[[str], None],
     The absolute path of `target`.
   Raises:
     FileExistsError: `replace` is False and `target` holds files.
+    WriteError: the folder could not be written (the staging folder is
+      removed, `target` is left as it was).
   """
   target = os.path.abspath(target)
   parent = os.path.dirname(target)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=staging_prefix(target), dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=staging_prefix(target), dir=parent)
+  except OSError as e:
+    raise _write_error(target, e) from e
   try:
     content = os.path.join(staging, "content")
     write_fn(content)
@@ -75,6 +129,12 @@ def write_dir(target: str, write_fn: Callable[[str], None],
       os.rename(content, target)
     else:
       _swap_into_place(content, target)
+  except (FileExistsError, WriteError):
+    raise
+  except BaseException as e:
+    if _is_io_error(e):
+      raise _write_error(target, e) from e
+    raise
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   remove_leftovers(target)

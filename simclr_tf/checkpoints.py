@@ -15,9 +15,11 @@ reads back (`resume`).
 
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 from typing import Optional
@@ -26,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from simclr_tf import atomic
 from simclr_tf import distribute
 from simclr_tf.callbacks import LIKELY_NAN_CAUSES, NonFiniteLossError
 from simclr_tf.config import Config, ConfigError
@@ -36,6 +39,11 @@ log = logging.getLogger("simclr_tf")
 # Folder of model_dir where non-chief workers write (and then delete) the
 # checkpoints that every worker must save in a multi-worker run.
 SCRATCH_DIR = ".worker_scratch"
+# Signals that stop training after a checkpoint: a preemption notice
+# (SIGTERM) and Ctrl-C (SIGINT).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# TensorFlow's state file of a checkpoint folder (which ckpt-N exist).
+STATE_FILE = "checkpoint"
 
 
 class CheckpointWriteError(OSError):
@@ -135,33 +143,93 @@ def _remove_killed_saves(directory: str) -> None:
       tf.io.gfile.remove(leftover)
 
 
-def restore_latest(manager: tf.train.CheckpointManager,
-                   clean: bool = True, partial: bool = False) -> Optional[str]:
-  """Restores the newest checkpoint that reads back; None if there is none.
+def list_checkpoints(directory: str) -> list:
+  """Prefixes of the complete `ckpt-<step>` checkpoints on disk, oldest
+  first (read from the files themselves, not from the state file)."""
+  found = []
+  pattern = os.path.join(glob.escape(directory), "ckpt-*.index")
+  for index in glob.glob(pattern):
+    prefix = index[:-len(".index")]
+    match = re.fullmatch(r"ckpt-(\d+)", os.path.basename(prefix))
+    if match:
+      found.append((int(match.group(1)), prefix))
+  return [prefix for _, prefix in sorted(found)]
 
-  A kill during a save cannot damage the checkpoints listed in the index
-  (TensorFlow writes the files first, then replaces the index), but a disk
-  error can; then the previous checkpoint is used, with a warning.
+
+def _state_problem(directory: str, found: list) -> Optional[str]:
+  """Why the state file `checkpoint` cannot be trusted, or None."""
+  path = os.path.join(directory, STATE_FILE)
+  if not os.path.exists(path):
+    return "is missing"
+  try:
+    state = tf.train.get_checkpoint_state(directory)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"is unreadable ({str(e).strip().splitlines()[0][:80]})"
+  if state is None or not state.model_checkpoint_path:
+    return "is garbled"
+  listed = [state.model_checkpoint_path, *state.all_model_checkpoint_paths]
+  for prefix in listed:
+    full = prefix if os.path.isabs(prefix) else os.path.join(directory,
+                                                             prefix)
+    if not os.path.exists(full + ".index"):
+      return f"names {os.path.basename(prefix)}, which is not there"
+  newest = os.path.basename(state.model_checkpoint_path)
+  if newest != os.path.basename(found[-1]):
+    return f"names {newest} as the newest, but {os.path.basename(found[-1])} " \
+        "is newer"
+  return None
+
+
+def repair_state(directory: str) -> None:
+  """Rewrites the state file from the checkpoints on disk when it is
+  missing, garbled or names checkpoints that are not there (the chief, before
+  its manager reads it); the checkpoints themselves are not touched."""
+  found = list_checkpoints(directory)
+  if not found:
+    return
+  problem = _state_problem(directory, found)
+  if problem is None:
+    return
+  log.warning("%s %s; listing the checkpoints themselves instead: %s.",
+              os.path.join(directory, STATE_FILE), problem,
+              ", ".join(os.path.basename(p) for p in found))
+  names = [os.path.basename(p) for p in found]
+  atomic.write_text(os.path.join(directory, STATE_FILE), "".join(
+      [f'model_checkpoint_path: "{names[-1]}"\n'] +
+      [f'all_model_checkpoint_paths: "{n}"\n' for n in names]))
+
+
+def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
+                   clean: bool = True, partial: bool = False) -> Optional[str]:
+  """Restores the newest checkpoint of `directory` that reads back; None if
+  there is none.
+
+  The candidates are the `ckpt-<step>` files on disk, newest first, so a
+  missing or garbled state file cannot hide them. A kill during a save
+  cannot damage a complete checkpoint (TensorFlow writes the files first,
+  then the index), but a disk error can; then the previous checkpoint is
+  used, with a warning, and the damaged one is rewritten when training
+  reaches its step again.
 
   Args:
-    manager: the manager of the checkpoints to resume from.
+    checkpoint: what to restore into.
+    directory: the checkpoints' folder.
     clean: delete the files of saves that were killed before completing
       (only the process that writes the checkpoints should).
-    partial: the manager's checkpoint holds part of what was saved (the
-      network without its optimizer, to evaluate it).
+    partial: `checkpoint` holds part of what was saved (the network
+      without its optimizer, to evaluate it).
   Returns:
     The restored checkpoint's path, or None.
   Raises:
     ConfigError: there are checkpoints but none can be restored.
   """
   if clean:
-    _remove_killed_saves(manager.directory)
-  candidates = list(reversed(manager.checkpoints)) or (
-      [manager.latest_checkpoint] if manager.latest_checkpoint else [])
+    _remove_killed_saves(directory)
+  candidates = list(reversed(list_checkpoints(directory)))
   errors = []
   for path in candidates:
     try:
-      status = manager.checkpoint.restore(path)
+      status = checkpoint.restore(path)
       status.assert_existing_objects_matched()
       if partial:
         status.expect_partial()
@@ -173,7 +241,7 @@ def restore_latest(manager: tf.train.CheckpointManager,
                   path, errors[-1])
   if candidates:
     raise ConfigError(
-        f"--model_dir={os.path.dirname(manager.directory)!r} has "
+        f"--model_dir={os.path.dirname(directory)!r} has "
         f"{len(candidates)} checkpoint(s) but none can be restored (newest: "
         f"{errors[0]}); they were written with other architecture flags or "
         "are damaged: rerun with the flags that wrote them, or choose a new "
@@ -197,20 +265,19 @@ def resume(cfg: Config, learner, chief: bool, strategy=None):
   Raises:
     ConfigError: there are checkpoints but none can be restored.
   """
+  if chief:
+    repair_state(checkpoint_dir(cfg.model_dir))
   manager = make_manager(cfg, learner, chief, strategy)
-  reader = manager if chief else tf.train.CheckpointManager(
-      manager.checkpoint, checkpoint_dir(cfg.model_dir),
-      max_to_keep=cfg.keep_checkpoint_max)
-  return manager, restore_latest(reader, clean=chief)
+  return manager, restore_latest(manager.checkpoint,
+                                 checkpoint_dir(cfg.model_dir), clean=chief)
 
 
 def restore_network(cfg: Config, net) -> Optional[str]:
   """Restores only the network from model_dir's newest checkpoint that reads
   back (to evaluate it); returns its path, or None if there is none."""
-  reader = tf.train.CheckpointManager(
-      tf.train.Checkpoint(model=net), checkpoint_dir(cfg.model_dir),
-      max_to_keep=cfg.keep_checkpoint_max)
-  return restore_latest(reader, clean=False, partial=True)
+  return restore_latest(tf.train.Checkpoint(model=net),
+                        checkpoint_dir(cfg.model_dir), clean=False,
+                        partial=True)
 
 
 def step_of(path: str) -> int:
@@ -270,8 +337,9 @@ def _non_finite(variables) -> list:
 class Checkpointer(keras.callbacks.Callback):
   """Saves a checkpoint at the end of every `fit` epoch (a chunk of steps).
 
-  Also saves when the process receives SIGTERM (preemption notice), then
-  stops training cleanly and sets `preempted`. Never saves a non-finite
+  Also saves when the process receives SIGTERM (preemption notice) or
+  SIGINT (Ctrl-C), then stops training cleanly and sets `preempted` and
+  `stopped_by` (the signal's name). Never saves a non-finite
   state: after a NaN or Inf loss it saves nothing, and before each save it
   checks that every weight and optimizer slot is finite (the step that makes
   the weights non-finite can still report a finite loss), so the last
@@ -286,19 +354,26 @@ class Checkpointer(keras.callbacks.Callback):
     super().__init__()
     self.manager = manager
     self.preempted = False
-    self._terminate = False
+    self.stopped_by = None          # the signal's name once one arrived
+    self._signal = None
     self._handle_sigterm = handle_sigterm
-    self._previous_handler = None
+    self._previous_handlers = {}
     self._diverged = False
+    self._saved_step = None
 
-  def _on_sigterm(self, signum, frame):
-    self._terminate = True
+  def _on_signal(self, signum, frame):
+    self._signal = signum
 
   def on_train_begin(self, logs=None):
+    # The step training starts from is in a checkpoint already (or is 0).
+    # A damaged newer checkpoint the restore fell back from is rewritten
+    # when training reaches its step.
+    self._saved_step = int(self.model.optimizer.iterations.numpy())
     if self._handle_sigterm:
       try:
-        self._previous_handler = signal.signal(signal.SIGTERM,
-                                               self._on_sigterm)
+        for signum in STOP_SIGNALS:
+          self._previous_handlers[signum] = signal.signal(signum,
+                                                          self._on_signal)
       except ValueError:   # not the main thread
         self._handle_sigterm = False
 
@@ -319,12 +394,12 @@ class Checkpointer(keras.callbacks.Callback):
     if self._diverged:
       log.warning("Not saving step %d: training diverged.", step)
       return
-    if self.manager.latest_checkpoint and self.manager.latest_checkpoint \
-        .endswith(f"-{step}"):
+    if step == self._saved_step:   # restored from, or saved already
       return
     self._check_finite(step)
     try:
       path = self.manager.save(checkpoint_number=step)
+      self._saved_step = step
     except (OSError, tf.errors.OpError) as e:
       reason = getattr(e, "strerror", None) or getattr(e, "message", str(e))
       raise CheckpointWriteError(
@@ -339,20 +414,29 @@ class Checkpointer(keras.callbacks.Callback):
     if loss is not None and not math.isfinite(float(loss)):
       self._diverged = True   # CheckNumerics raises; never save this state
       return
-    if self._terminate:
-      log.warning("SIGTERM received: saving a checkpoint and stopping.")
-      self.save()
-      self.model.stop_training = True
+    if self._signal is not None and not self.preempted:
+      self.stopped_by = signal.Signals(self._signal).name
+      log.warning("%s received: saving a checkpoint and stopping.",
+                  self.stopped_by)
       self.preempted = True
+      self.model.stop_training = True
+      self.save()
 
   def on_epoch_end(self, epoch, logs=None):
     self.save()
 
   def on_train_end(self, logs=None):
+    if self._signal is not None and not self.preempted:
+      # The signal came after the last batch: the last step is saved (an
+      # epoch's end), and the run still stops as asked.
+      self.stopped_by = signal.Signals(self._signal).name
+      self.preempted = True
+      self.save()
     self.close()
 
   def close(self):
-    """Gives SIGTERM back its previous handler (also after an exception)."""
-    if self._handle_sigterm and self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
+    """Gives the signals back their previous handlers (also after an
+    exception)."""
+    for signum, handler in self._previous_handlers.items():
+      signal.signal(signum, handler)
+    self._previous_handlers = {}

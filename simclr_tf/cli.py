@@ -9,11 +9,20 @@ code the Python API runs. `run.py`, `python -m simclr_tf` and the
   python -m simclr_tf --flagfile=flags/cifar10_pretrain.cfg \
       --dataset=image_folder --data_dir=../shared/data/cifar10
 
-Exit status: 0 done; 2 bad flags, data, exports or model_dir (a one-line
-message, before any model is built); 3 training stopped on a non-finite loss
-or an unwritable checkpoint (one line; the last checkpoint and export are
-left untouched); 143 stopped by SIGTERM after saving a checkpoint (rerun the
-same command to continue).
+Exit status (each failure is one line, the last of stderr, and leaves
+every file that was there before as it was):
+  0    done;
+  2    bad flags, data, exports or model_dir: refused before any model is
+       built (a damaged or inconsistent export, a model_dir that holds
+       another run, a split that is not there, ...);
+  3    training stopped on a non-finite loss, or a checkpoint, export,
+       result or output file could not be written (nothing half-written;
+       the last checkpoint and export are left untouched);
+  4    --mode=export: the converted file disagrees with the SavedModel on
+       more than 1 - --min_agreement of the eval split (nothing kept);
+  130  stopped by SIGINT (Ctrl-C) after saving a checkpoint;
+  143  stopped by SIGTERM after saving a checkpoint (rerun the same command
+       to continue, in both cases).
 """
 
 from __future__ import annotations
@@ -45,14 +54,27 @@ _ENUMS = {
     "precision": config_lib.PRECISIONS,
     "strategy": config_lib.STRATEGIES,
     "output_format": config_lib.OUTPUT_FORMATS,
+    "export_format": config_lib.EXPORT_FORMATS,
+    "quantize": config_lib.QUANTIZATIONS,
     "onednn": config_lib.ONEDNN_SETTINGS,
 }
 
 _HELP = {
     "mode": "train, eval (on the latest checkpoint or --init_from), "
-            "train_then_eval, or embed / predict (apply the --init_from "
+            "train_then_eval, embed / predict (apply the --init_from "
             "export to the images of --data_dir/--eval_split: "
-            "embeddings.npy or predictions.csv in --model_dir).",
+            "embeddings.npy or predictions.csv in --model_dir), or export "
+            "(the --init_from export as one LiteRT or ONNX file for devices, "
+            "checked on the eval split, into a new --model_dir).",
+    "export_format": "--mode=export: litert (a .tflite file for "
+                     "ai-edge-litert / TFLite runtimes) or onnx.",
+    "quantize": "--mode=export: none (float32), dynamic (int8 weights) or "
+                "int8 (full integer, calibrated on 300 training images); "
+                "int8 and dynamic are LiteRT only.",
+    "min_agreement": "--mode=export: keep the file only if its top-1 "
+                     "prediction (nearest neighbour for an embedding) "
+                     "equals the SavedModel's on at least this fraction of "
+                     "the eval split.",
     "train_mode": "pretrain (contrastive), finetune (labeled subset) or "
                   "distill (teacher's soft labels on unlabeled images).",
     "model_dir": "Where checkpoints, TensorBoard logs, result.json, "
@@ -187,11 +209,25 @@ def config_from_args(args) -> config_lib.Config:
 # Exit statuses (see the module docstring).
 EXIT_BAD_CONFIG = 2
 EXIT_TRAINING_FAILED = 3
+EXIT_CHECK_FAILED = 4       # --mode=export: the file disagrees; not kept
 EXIT_PREEMPTED = 128 + 15   # what a shell reports for a SIGTERM'd program
+EXIT_INTERRUPTED = 128 + 2  # ... and for a SIGINT'd (Ctrl-C) one
+_SIGNAL_EXITS = {"SIGTERM": EXIT_PREEMPTED, "SIGINT": EXIT_INTERRUPTED}
 
 
 def _fail(message: str, status: int = EXIT_BAD_CONFIG) -> None:
-  print(f"run.py: error: {message}", file=sys.stderr)
+  """Prints the one-line error and exits with `status`.
+
+  The line must be the last of stderr: the process ends here, without
+  the interpreter's shutdown, where TensorFlow's runtime can still log (its
+  own buffers are flushed first)."""
+  message = " ".join(str(message).split("\n")[0].split())
+  sys.stdout.flush()
+  sys.stderr.flush()
+  print(f"run.py: error: {message}", file=sys.stderr, flush=True)
+  if "tensorflow" in sys.modules:
+    logging.shutdown()
+    os._exit(status)  # pylint: disable=protected-access
   sys.exit(status)
 
 
@@ -249,20 +285,30 @@ def main(argv):
   distribute.split_cpu(cfg.cpu_replicas)
   # pylint: disable=g-import-not-at-top
   from simclr_tf import api
+  from simclr_tf import atomic
   from simclr_tf import callbacks
   from simclr_tf import checkpoints
+  from simclr_tf import deploy
   from simclr_tf import inference
   from tf_hub_export import load as load_lib
   try:
     result = api.run(cfg)
+  except deploy.AgreementError as e:
+    _fail(str(e), EXIT_CHECK_FAILED)
   except (config_lib.ConfigError, inference.InferenceError,
-          load_lib.ExportError) as e:
+          load_lib.ExportError, deploy.DeployError) as e:
     _fail(str(e))
-  except (callbacks.NonFiniteLossError, checkpoints.CheckpointWriteError) as e:
+  except (callbacks.NonFiniteLossError, checkpoints.CheckpointWriteError,
+          atomic.WriteError) as e:
     _fail(str(e), EXIT_TRAINING_FAILED)
+  except KeyboardInterrupt:
+    _fail("interrupted (Ctrl-C) before training started or after it ended; "
+          "nothing was half-written: rerun the same command to continue "
+          "from the last checkpoint.", EXIT_INTERRUPTED)
   print(format_result(result))
   if result.get("preempted"):
-    sys.exit(EXIT_PREEMPTED)
+    sys.stdout.flush()
+    sys.exit(_SIGNAL_EXITS.get(result.get("signal"), EXIT_PREEMPTED))
 
 
 def entry_point():

@@ -20,10 +20,13 @@ from simclr_tf.models.config import (CIFAR_STEM_MAX_SIZE, PROJ_HEAD_MODES,
                                      num_proj_layers, whole_channels)
 from simclr_tf.optim.scaling import LR_SCALINGS, scaled_learning_rate  # noqa: F401
 
-MODES = ("train", "eval", "train_then_eval", "embed", "predict")
+MODES = ("train", "eval", "train_then_eval", "embed", "predict", "export")
 # Modes that apply an export to image files and train nothing.
 INFERENCE_MODES = ("embed", "predict")
 OUTPUT_FORMATS = ("npy", "csv")
+# --mode=export: a file for devices (simclr_tf.deploy owns the values).
+EXPORT_FORMATS = ("litert", "onnx")
+QUANTIZATIONS = ("none", "dynamic", "int8")
 TRAIN_MODES = tuple(stages.STAGES)
 OPTIMIZERS = ("lars", "momentum", "adam")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -35,6 +38,9 @@ ONEDNN_SETTINGS = ("auto", "on", "off")
 # block group 2 and halves it three times; the ImageNet stem divides by 32.
 MIN_IMAGE_SIZE_CIFAR_STEM = 8
 MIN_IMAGE_SIZE_IMAGENET_STEM = 64
+# Largest --image_size accepted: 16x the paper's 224 px in pixels; one
+# batch of larger images exhausts a machine's memory before it trains.
+MAX_IMAGE_SIZE = 1024
 
 
 class ConfigError(ValueError):
@@ -105,6 +111,11 @@ class Config(ArchOptions):
   knn_max_examples: int = 10000
   output_format: str = "npy"
 
+  # Deployment (--mode=export).
+  export_format: str = "litert"
+  quantize: str = "none"
+  min_agreement: float = 0.98
+
   # Distribution.
   strategy: str = "auto"
   tpu: str = ""
@@ -166,6 +177,21 @@ def validate(cfg: Config) -> Config:
   _check_range("knn_eval_epochs", cfg.knn_eval_epochs, -1, None,
                fix="use -1 (auto), 0 (off) or a number of epochs.")
   _check_range("knn_max_examples", cfg.knn_max_examples, 1, None)
+  _check_choice("export_format", cfg.export_format, EXPORT_FORMATS)
+  _check_choice("quantize", cfg.quantize, QUANTIZATIONS)
+  _check_range("min_agreement", cfg.min_agreement, 0.0, 1.0,
+               fix="give the fraction of eval images whose prediction must "
+               "not change, e.g. 0.98.")
+  if cfg.mode == "export" and not cfg.init_from:
+    raise ConfigError(
+        "--mode=export needs --init_from=EXPORT (the saved_model/ of a "
+        "stage, usually the distilled student).")
+  if cfg.mode != "export":
+    for name in ("export_format", "quantize", "min_agreement"):
+      if getattr(cfg, name) != getattr(Config, name):
+        raise ConfigError(
+            f"--{name}={getattr(cfg, name)!r} is only used by --mode=export; "
+            "drop it or use --mode=export.")
   if cfg.mode in INFERENCE_MODES:
     if not cfg.init_from:
       raise ConfigError(
@@ -217,6 +243,11 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(
         f"--image_size={cfg.image_size} is too small for the {stem} stem; "
         f"use at least {min_size}.")
+  if cfg.image_size > MAX_IMAGE_SIZE:
+    raise ConfigError(
+        f"--image_size={cfg.image_size} is too large: at most "
+        f"{MAX_IMAGE_SIZE} (SimCLRv2 uses 224, and 32 on CIFAR); one batch "
+        "at this size would not fit in memory.")
   if cfg.image_size > CIFAR_STEM_MAX_SIZE and (
       cfg.image_size < MIN_IMAGE_SIZE_IMAGENET_STEM):
     raise ConfigError(

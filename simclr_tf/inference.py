@@ -34,6 +34,7 @@ from simclr_tf import atomic
 from simclr_tf.config import OUTPUT_FORMATS
 from simclr_tf.data import augment
 from simclr_tf.data import folder as folder_lib
+from simclr_tf.data import sources
 
 log = logging.getLogger("simclr_tf")
 
@@ -130,27 +131,32 @@ def _run(model, listing, image_size: int, batch_size: int, key: str,
   return np.concatenate(indices), np.concatenate(outputs)
 
 
-def _write_lines(path: str, lines) -> str:
+# File names are written as they are, undecodable bytes escaped (a folder
+# may hold names that are not UTF-8).
+_TEXT = {"encoding": "utf-8", "errors": "backslashreplace"}
+
+
+def _lines_writer(lines):
   def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", **_TEXT) as f:
       f.writelines(f"{line}\n" for line in lines)
-  return atomic.write_file(path, write)
+  return write
 
 
-def _write_csv(path: str, header, rows) -> str:
+def _csv_writer(header, rows):
   def write(tmp):
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with open(tmp, "w", newline="", **_TEXT) as f:
       writer = csv.writer(f)
       writer.writerow(header)
       writer.writerows(rows)
-  return atomic.write_file(path, write)
+  return write
 
 
-def _write_npy(path: str, array) -> str:
+def _npy_writer(array):
   def write(tmp):
     with open(tmp, "wb") as f:
       np.save(f, array)
-  return atomic.write_file(path, write)
+  return write
 
 
 def apply_to_folder(export: str, data_dir: str, split: str, key: str,
@@ -163,6 +169,7 @@ def apply_to_folder(export: str, data_dir: str, split: str, key: str,
   """
   model, meta = _load_export(export)
   try:
+    sources.check_data_dir(data_dir)
     listing = folder_lib.list_image_folder(data_dir, split, strict=strict)
   except ValueError as e:
     raise InferenceError(str(e)) from e
@@ -254,19 +261,24 @@ def run(mode: str, export: str, data_dir: str, split: str, model_dir: str,
   key = EMBED_OUTPUT if mode == "embed" else "logits_sup"
   files, values, skipped, meta = apply_to_folder(
       export, data_dir, split, key, batch_size, strict)
-  os.makedirs(model_dir, exist_ok=True)
-  outputs = []
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+  except OSError as e:
+    raise atomic.WriteError(
+        f"--model_dir={model_dir!r} cannot be created ({e.strerror}); choose "
+        "a folder you can write to.") from e
+  writers = {}
   if mode == "embed":
     if output_format == "npy":
-      outputs.append(_write_npy(os.path.join(model_dir, "embeddings.npy"),
-                                values.astype(np.float32)))
-      outputs.append(_write_lines(
-          os.path.join(model_dir, "embeddings_files.txt"), files))
+      writers[os.path.join(model_dir, "embeddings.npy")] = _npy_writer(
+          values.astype(np.float32))
+      writers[os.path.join(model_dir, "embeddings_files.txt")] = \
+          _lines_writer(files)
     else:
       header = ["file"] + [f"f{j}" for j in range(values.shape[1])]
       rows = ([f] + [f"{v:.7g}" for v in row] for f, row in zip(files, values))
-      outputs.append(_write_csv(os.path.join(model_dir, "embeddings.csv"),
-                                header, rows))
+      writers[os.path.join(model_dir, "embeddings.csv")] = _csv_writer(
+          header, rows)
   else:
     names = list(meta.class_names) or [
         f"class_{c}" for c in range(meta.model_config.num_classes)]
@@ -275,14 +287,16 @@ def run(mode: str, export: str, data_dir: str, split: str, model_dir: str,
     header = ["file"] + [h for j in range(1, k + 1)
                          for h in (f"top{j}", f"p{j}")]
     rows = ([f] + row for f, row in zip(files, top_k_rows(probs, names)))
-    outputs.append(_write_csv(os.path.join(model_dir, "predictions.csv"),
-                              header, rows))
+    writers[os.path.join(model_dir, "predictions.csv")] = _csv_writer(
+        header, rows)
+  skipped_path = os.path.join(model_dir, "skipped.txt")
   if skipped:
-    outputs.append(_write_lines(os.path.join(model_dir, "skipped.txt"),
-                                (f"{p}\t{r}" for p, r in skipped)))
+    writers[skipped_path] = _lines_writer(f"{p}\t{r}" for p, r in skipped)
+  # All the outputs, or none of them: a failure leaves the old ones.
+  outputs = atomic.write_files(writers)
+  if skipped:
     log.warning("Skipped %d unreadable file(s), listed in %s (first: %s)",
-                len(skipped), os.path.join(model_dir, "skipped.txt"),
-                skipped[0][0])
+                len(skipped), skipped_path, skipped[0][0])
   return InferenceResult(mode=mode, files=files, skipped=skipped,
                          outputs=tuple(outputs), seconds=time.time() - start)
 

@@ -15,6 +15,7 @@ from typing import Optional
 from simclr_tf import atomic
 from simclr_tf import config as config_lib
 from simclr_tf import handover
+from simclr_tf import identity as identity_lib
 from simclr_tf import stages
 from simclr_tf.config import Config, ConfigError, ModelConfig
 from simclr_tf.data import sources
@@ -35,6 +36,7 @@ class Plan:
   chunk_steps: int
   init_meta: Optional[object] = None
   teacher_meta: Optional[object] = None
+  identity: Optional[dict] = None     # what model_dir/run.json records
 
 
 def prepare_model_dir(cfg: Config) -> None:
@@ -59,10 +61,27 @@ def prepare_model_dir(cfg: Config) -> None:
         "choose a folder with free space that you can write to.") from e
 
 
-def record_flags(cfg: Config) -> None:
-  """Writes model_dir/flags.json: only once the run's plan holds, so a run
-  refused with exit 2 leaves the record of the last run that started."""
+def record_flags(cfg: Config, plan: Optional[Plan] = None) -> None:
+  """Writes model_dir/flags.json (and run.json, the run's identity): only
+  once the run's plan holds, so a run refused with exit 2 leaves the record
+  of the last run that started."""
   atomic.write_text(os.path.join(cfg.model_dir, FLAGS_FILE), cfg.to_json())
+  if plan is not None and plan.identity is not None:
+    identity_lib.record(cfg.model_dir, plan.identity)
+
+
+def _check_eval_target(cfg: Config) -> None:
+  """An export evaluated into a run's folder must be that run's export:
+  its result.json would otherwise replace the run's own."""
+  if not identity_lib.holds_a_run(cfg.model_dir):
+    return
+  own = os.path.realpath(os.path.join(cfg.model_dir, "saved_model"))
+  if os.path.realpath(load_lib.resolve_export(cfg.init_from)) != own:
+    raise ConfigError(
+        f"--mode=eval --init_from={cfg.init_from!r} would write its "
+        f"result.json into --model_dir={cfg.model_dir!r}, which holds "
+        "another run; choose an empty or new --model_dir for this "
+        "evaluation.")
 
 
 def make_plan(cfg: Config, training: bool = True) -> Plan:
@@ -93,6 +112,14 @@ def make_plan(cfg: Config, training: bool = True) -> Plan:
       teacher_meta = load_lib.read_meta(cfg.teacher, "teacher")
   except load_lib.ExportError as e:
     raise ConfigError(str(e)) from e
+  if training:
+    run_identity = identity_lib.check(cfg, training=True)
+  elif cfg.init_from:
+    _check_eval_target(cfg)
+    run_identity = None
+  else:   # model_dir's own checkpoint: the flags must describe its run
+    identity_lib.check(cfg, training=False)
+    run_identity = None
 
   num_classes = info.num_classes
   if teacher_meta is not None:
@@ -116,6 +143,7 @@ def make_plan(cfg: Config, training: bool = True) -> Plan:
   chunk = min(chunk, max(total, 1))
   return Plan(info=info, model_config=model_config, num_train_examples=num_train,
               total_steps=total, steps_per_epoch=spe, chunk_steps=chunk,
-              init_meta=init_meta, teacher_meta=teacher_meta)
+              init_meta=init_meta, teacher_meta=teacher_meta,
+              identity=run_identity)
 
 

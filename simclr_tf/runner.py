@@ -60,7 +60,8 @@ class TrainOutcome:
     export_path: the SavedModel written ("" on a non-chief worker, or when
       preempted).
     model_dir: the run's folder.
-    preempted: stopped by SIGTERM after saving a checkpoint.
+    preempted: stopped by SIGTERM or SIGINT after saving a checkpoint
+      (`metrics["signal"]` names it).
   """
 
   net: object
@@ -205,17 +206,18 @@ def log_augmented_pairs(cfg: Config, log_dir: str) -> None:
 # --- Training, evaluation, export -------------------------------------------
 
 def train(cfg: Config, plan: Plan, strategy, learner, schedule, manager,
-          chief: bool) -> tuple[int, bool]:
+          chief: bool) -> tuple[int, Optional[str]]:
   """Trains until plan.total_steps, from the step the learner is at.
 
   Returns:
-    (the step reached, whether SIGTERM stopped training first).
+    (the step reached, the name of the signal that stopped training after a
+    checkpoint (SIGTERM, SIGINT), or None).
   """
   step = int(learner.optimizer.iterations.numpy())
   if step >= plan.total_steps:
     log.info("Already trained %d/%d steps; nothing to do.", step,
              plan.total_steps)
-    return step, False
+    return step, None
   two_views = stages.get(cfg.train_mode).two_views
   if two_views and cfg.log_images and chief and step == 0:
     log_augmented_pairs(cfg, os.path.join(cfg.model_dir, "train"))
@@ -240,7 +242,7 @@ def train(cfg: Config, plan: Plan, strategy, learner, schedule, manager,
     checkpointer.close()
     if not chief:
       checkpoints.remove_scratch(manager.directory)
-  return int(learner.optimizer.iterations.numpy()), checkpointer.preempted
+  return int(learner.optimizer.iterations.numpy()), checkpointer.stopped_by
 
 
 def export(cfg: Config, plan: Plan, learner, step: int) -> str:
@@ -283,7 +285,7 @@ def train_stage(cfg: Config, evaluate: Optional[bool] = False) -> TrainOutcome:
         "use --mode=train.")
   if evaluate:   # the record says what the run does
     cfg = cfg.replace(mode="train_then_eval")
-  record_flags(cfg)
+  record_flags(cfg, plan)
   chief = distribute.is_chief(strategy)
   cfg = cfg.replace(
       precision=distribute.resolve_precision(cfg.precision, strategy))
@@ -307,15 +309,17 @@ def _train(cfg: Config, plan: Plan, strategy, chief: bool,
   step = int(learner.optimizer.iterations.numpy())
   distribute.check_same_step(strategy, step)
   start = time.time()
-  step, preempted = train(cfg, plan, strategy, learner, schedule, manager,
-                          chief)
+  step, stopped_by = train(cfg, plan, strategy, learner, schedule, manager,
+                           chief)
   if distribute.num_workers(strategy) > 1:   # all workers must agree
     log.info("Weights digest of %s at step %d: %s",
              distribute.task_name(strategy), step,
              distribute.weights_digest(learner.net))
-  if preempted:
-    log.warning("Stopped by SIGTERM at step %d; rerun to continue.", step)
-    return TrainOutcome(learner.net, {"global_step": step, "preempted": True},
+  if stopped_by:
+    log.warning("Stopped by %s at step %d; rerun to continue.", stopped_by,
+                step)
+    return TrainOutcome(learner.net, {"global_step": step, "preempted": True,
+                                      "signal": stopped_by},
                         "", cfg.model_dir, preempted=True)
   result = {"global_step": step, "train_seconds": time.time() - start}
   if evaluate:

@@ -1,10 +1,11 @@
 """A messy image folder: every kind of bad file, skipped and reported exactly.
 
 One folder holds usable images of every awkward kind (1, 2, 4 channels,
-16-bit, 1x1, 4000x3000, a link to an image), unusable files of every kind
-(corrupt, truncated, empty, not an image, a broken link, a file outside the
-class folders), an empty class folder, hidden files and folders and a link
-loop. Hidden entries are not data: they are ignored, not reported.
+16-bit, 1x1, 4000x3000, WebP, animated WebP, TIFF, a link to an image),
+unusable files of every kind (corrupt, truncated, empty, not an image, a
+broken link, a file outside the class folders, a name that is not UTF-8),
+an empty class folder, hidden files and folders and a link loop. Hidden
+entries are not data: they are ignored, not reported.
 """
 
 import io
@@ -16,7 +17,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import run_cli
+from conftest import export_small_classifier, run_cli
+from simclr_tf import inference
 from simclr_tf.data import pipeline
 from simclr_tf.data import folder
 
@@ -27,9 +29,9 @@ RUN_FLAGS = ("--mode=train", "--train_mode=pretrain", "--dataset=image_folder",
              "--cache_dataset=false", "--train_steps=2", "--seed=1")
 
 
-def _encoded(array, fmt, mode=None) -> bytes:
+def _encoded(array, fmt, mode=None, **kwargs) -> bytes:
   buffer = io.BytesIO()
-  Image.fromarray(array, mode).save(buffer, format=fmt)
+  Image.fromarray(array, mode).save(buffer, format=fmt, **kwargs)
   return buffer.getvalue()
 
 
@@ -60,6 +62,15 @@ def _good_files(train) -> list:
       _write(cat / "tiny.png", _encoded(_rgb(1, 1), "PNG")),
       _write(cat / "huge.png", _encoded(
           np.full([3000, 4000, 3], (90, 120, 200), np.uint8), "PNG")),
+      _write(cat / "photo.webp", _encoded(_rgb(), "WEBP", quality=80)),
+      _write(cat / "anim.webp", _encoded(
+          _rgb(), "WEBP", save_all=True,
+          append_images=[Image.fromarray(_rgb())])),
+      _write(cat / "scan16.tif", _encoded(
+          RNG.randint(0, 65536, [20, 30]).astype(np.uint16), "TIFF")),
+      _write(cat / "rgba.tiff", _encoded(
+          np.dstack([_rgb(), _rgb()[..., :1]]), "TIFF", "RGBA",
+          compression="tiff_lzw")),
   ]
   os.symlink("photo_0.jpg", cat / "link_to_photo.jpg")
   files.append(str(cat / "link_to_photo.jpg"))
@@ -88,6 +99,10 @@ def _bad_files(train) -> dict:
   }
   os.symlink("no_such_file.jpg", cat / "dangling.jpg")
   bad[str(cat / "dangling.jpg")] = "broken symbolic link"
+  # Named in Latin-1 (b"caf\xe9.jpg"): Python lists it as 'caf\udce9.jpg',
+  # the listing reports it as 'caf\\xe9.jpg'.
+  latin1 = _write(cat / os.fsdecode(b"caf\xe9.jpg"), jpeg)
+  bad[folder.printable_path(latin1)] = "file name is not valid UTF-8"
   return bad
 
 
@@ -142,7 +157,7 @@ def test_every_usable_kind_goes_through_the_pipeline(messy):
     images = batch[view].numpy()
     assert images.shape == (len(good), 32, 32, 3)
     assert np.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1
-  assert sorted(batch["label"].numpy().tolist()) == [0] * 10 + [1] * 3
+  assert sorted(batch["label"].numpy().tolist()) == [0] * 14 + [1] * 3
   ev = pipeline.build_dataset(
       dataset="image_folder", data_dir=str(root), split="train",
       stage="eval", image_size=32, batch_size=len(good), cache=False)
@@ -190,3 +205,95 @@ def test_run_on_the_messy_folder_completes_and_reports_exactly_the_bad_files(
   assert proc.stderr.count("empty_class has no usable image") == 1
   assert ".DS_Store" not in proc.stderr and ".thumbnails" not in proc.stderr
   assert os.path.exists(tmp_path / "run" / "saved_model" / "saved_model.pb")
+
+
+def _latin1_folder(root):
+  """ROOT/train/ok/ with a good image and b"caf\\xe9.jpg", and a class
+  folder named b"\\xe9t\\xe9" (Latin-1, not UTF-8) holding a good image.
+
+  Returns (the good image, {printable path: reason}).
+  """
+  jpeg = _encoded(_rgb(), "JPEG")
+  good = _write(root / "train" / "ok" / "photo.jpg", jpeg)
+  name = _write(root / "train" / "ok" / os.fsdecode(b"caf\xe9.jpg"), jpeg)
+  inside = _write(root / "train" / os.fsdecode(b"\xe9t\xe9") / "x.jpg",
+                  jpeg)
+  train = str(root / "train")
+  assert folder.printable_path(name) == train + "/ok/caf\\xe9.jpg"
+  assert folder.printable_path(inside) == train + "/\\xe9t\\xe9/x.jpg"
+  return good, {
+      train + "/ok/caf\\xe9.jpg": "file name is not valid UTF-8, rename it",
+      train + "/\\xe9t\\xe9/x.jpg":
+          "folder name is not valid UTF-8, rename it"}
+
+
+def test_names_that_are_not_utf8_are_skipped_and_shown_with_their_bytes(
+    tmp_path, caplog):
+  root = tmp_path / "data"
+  good, bad = _latin1_folder(root)
+  with caplog.at_level("WARNING", logger="simclr_tf"):
+    listing = folder.list_image_folder(str(root), "train")
+  assert listing.paths == (good,) and listing.class_names == ("ok",)
+  assert dict(zip(listing.skipped, listing.skip_reasons)) == bad
+  # One line names both, their bad bytes visible (no surrogates).
+  assert "Skipped 2 unusable file(s)" in caplog.text
+  for path, reason in bad.items():
+    assert f"{path} ({reason})" in caplog.text
+  assert "\\udc" not in caplog.text and "/\\xe9t\\xe9 has no usable" in (
+      caplog.text)
+  # Training and evaluation read the rest.
+  for stage in ("finetune", "eval"):
+    ds = pipeline.build_dataset(
+        dataset="image_folder", data_dir=str(root), split="train",
+        stage=stage, image_size=32, batch_size=1, cache=False)
+    assert next(iter(ds))["image"].shape == (1, 32, 32, 3)
+  with pytest.raises(ValueError) as error:
+    folder.list_image_folder(str(root), "train", strict=True)
+  first = str(root / "train" / "ok" / "caf\\xe9.jpg")
+  assert str(error.value).startswith(
+      f"{first} cannot be used (file name is not valid UTF-8, rename it")
+
+
+def test_strict_data_names_a_file_that_is_not_utf8_in_one_line(tmp_path):
+  root = tmp_path / "data"
+  _latin1_folder(root)
+  proc = run_cli(*RUN_FLAGS, f"--data_dir={root}", "--strict_data",
+                 f"--model_dir={tmp_path / 'run'}", timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("run.py: ")]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr
+  assert errors[0] == proc.stderr.strip().splitlines()[-1]
+  assert (f"{root}/train/ok/caf\\xe9.jpg cannot be used (file name is not "
+          "valid UTF-8, rename it") in errors[0]
+  assert "--strict_data" in errors[0]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+  return export_small_classifier(
+      str(tmp_path_factory.mktemp("export") / "saved_model"), ("cat", "dog"))
+
+
+def test_embed_and_predict_skip_and_list_exactly_the_bad_files(
+    messy, export_dir, tmp_path):
+  root, good, bad = messy
+  for mode in ("embed", "predict"):
+    result = inference.run(mode, export_dir, str(root), "train",
+                           str(tmp_path / mode))
+    assert sorted(result.files) == sorted(good)
+    with open(tmp_path / mode / "skipped.txt", encoding="utf-8") as f:
+      listed = dict(line.rstrip("\n").split("\t") for line in f)
+    assert sorted(listed) == sorted(bad)
+    for path, expected in bad.items():
+      assert expected in listed[path], (path, listed[path])
+
+
+def test_strict_embed_names_a_file_that_is_not_utf8(export_dir, tmp_path):
+  root = tmp_path / "data"
+  _latin1_folder(root)
+  with pytest.raises(inference.InferenceError,
+                     match=r"caf\\xe9\.jpg cannot be used \(file name is not "
+                     "valid UTF-8"):
+    inference.run("embed", export_dir, str(root), "train",
+                  str(tmp_path / "out"), strict=True)
+  assert not os.path.exists(tmp_path / "out")

@@ -9,7 +9,6 @@ The random delays are printed, to replay a failure.
 """
 
 import errno
-import hashlib
 import os
 import random
 import re
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, snapshot
 from simclr_tf import callbacks as cb
 from simclr_tf import checkpoints
 from simclr_tf import runner
@@ -116,18 +115,6 @@ def _rerun_to_the_end(model_dir, resumed_from):
   return proc
 
 
-def _digest(folder) -> dict:
-  """Content hash of every file under a folder."""
-  found = {}
-  for dirpath, _, files in os.walk(folder):
-    for name in files:
-      path = os.path.join(dirpath, name)
-      with open(path, "rb") as f:
-        found[os.path.relpath(path, folder)] = hashlib.sha256(
-            f.read()).hexdigest()
-  return found
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """One uninterrupted run, and how long it takes per checkpoint chunk."""
@@ -203,7 +190,10 @@ def test_non_finite_loss_stops_and_leaves_checkpoint_and_export_untouched(
     reference, tmp_path):
   model_dir = str(tmp_path / "run")
   shutil.copytree(reference.model_dir, model_dir)
-  before = _digest(model_dir)
+  kept = (os.path.join(model_dir, "checkpoints"),
+          os.path.join(model_dir, "saved_model"))
+  before = snapshot(*kept)
+  assert before
   proc = run_cli(*FLAGS, f"--model_dir={model_dir}", "--learning_rate=1e30",
                  f"--train_steps={STEPS + 4 * CHUNK}", timeout=600)
   assert proc.returncode == EXIT_TRAINING_FAILED, proc.stderr[-3000:]
@@ -211,10 +201,7 @@ def test_non_finite_loss_stops_and_leaves_checkpoint_and_export_untouched(
   assert len(errors) == 1 and "Traceback" not in proc.stderr
   assert re.search(r"(Loss became|became NaN or Inf at step) .*\d", errors[0])
   assert "--learning_rate" in errors[0]
-  after = _digest(model_dir)
-  for part in ("checkpoints", "saved_model"):
-    assert {k: v for k, v in after.items() if k.startswith(part)} == {
-        k: v for k, v in before.items() if k.startswith(part)}, part
+  assert snapshot(*kept) == before
   assert _saved_steps(model_dir)[-1] == STEPS
 
 
@@ -325,7 +312,7 @@ def test_kill_during_a_checkpoint_save_restores_the_last_complete_one(
   proc.kill()
   proc.wait()
   manager, value = _manager(directory)
-  restored = checkpoints.restore_latest(manager)
+  restored = checkpoints.restore_latest(manager.checkpoint, manager.directory)
   step = int(restored.rsplit("-", 1)[1])
   assert step >= 1
   np.testing.assert_array_equal(value.numpy()[[0, -1]], [step, step])
@@ -347,7 +334,7 @@ def test_restore_falls_back_from_a_damaged_checkpoint(tmp_path, caplog):
   variable.assign(-1.0)
   reopened = tf.train.CheckpointManager(tf.train.Checkpoint(v=variable),
                                         directory, max_to_keep=3)
-  assert checkpoints.restore_latest(reopened).endswith("ckpt-2")
+  assert checkpoints.restore_latest(reopened.checkpoint, reopened.directory).endswith("ckpt-2")
   assert float(variable.numpy()) == 2.0
   assert "Cannot restore" in caplog.text
   assert not os.path.exists(os.path.join(directory, "ckpt-6_temp"))
@@ -362,7 +349,7 @@ def test_restore_of_incompatible_checkpoints_is_a_config_error(tmp_path):
       tf.train.Checkpoint(w=tf.Variable([1.0, 2.0])),
       str(tmp_path / "checkpoints"), max_to_keep=3)
   with pytest.raises(ConfigError, match="none can be restored") as error:
-    checkpoints.restore_latest(other)
+    checkpoints.restore_latest(other.checkpoint, other.directory)
   assert "--model_dir=" in str(error.value) and "\n" not in str(error.value)
 
 

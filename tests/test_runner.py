@@ -12,6 +12,7 @@ import pytest
 import simclr_tf
 import tensorflow as tf
 
+from conftest import snapshot
 from simclr_tf import runner
 from simclr_tf.config import Config, ConfigError, ModelConfig
 from simclr_tf.models import simclr as simclr_lib
@@ -134,10 +135,13 @@ def test_train_then_eval_without_the_eval_split_is_refused_first(tmp_path):
   cfg = Config(mode="train_then_eval", dataset="image_folder",
                data_dir=_train_only_folder(tmp_path / "data"),
                model_dir=str(tmp_path / "run"), train_batch_size=4)
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "flags.json").write_text('{"a": "previous run"}')
+  before = snapshot(tmp_path)
   with pytest.raises(ConfigError, match="--eval_split='test' of "
                      "--dataset=image_folder has no examples"):
     simclr_tf.run(cfg)
-  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+  assert snapshot(tmp_path) == before   # nothing trained, written or changed
 
 
 def test_init_head_starts_the_student_as_its_teacher(tmp_path):

@@ -19,6 +19,7 @@ from simclr_tf import atomic
 from simclr_tf.models.config import ModelConfig
 from simclr_tf.models.simclr import (SimCLR, build_float32, copy_weights,
                                      variables_by_path)
+from tf_hub_export import verify as verify_lib
 from tf_hub_export.export import META_DIR, META_FILE, ExportMeta
 
 
@@ -39,8 +40,16 @@ def resolve_export(path: str) -> str:
   return path
 
 
-def read_meta(path: str, flag: str = "init_from") -> ExportMeta:
-  """The metadata of one of our exports; ExportError for anything else."""
+def read_meta(path: str, flag: str = "init_from",
+              check: bool = True) -> ExportMeta:
+  """The metadata of one of our exports; ExportError for anything else.
+
+  Args:
+    path: the export (or the model_dir holding it as saved_model/).
+    flag: flag name used in error messages.
+    check: verify the export's files against the metadata first
+      (`tf_hub_export.verify`): a damaged export fails here, in one line.
+  """
   path = resolve_export(path)
   if not os.path.exists(os.path.join(path, "saved_model.pb")):
     raise ExportError(
@@ -51,13 +60,22 @@ def read_meta(path: str, flag: str = "init_from") -> ExportMeta:
     raise ExportError(
         f"--{flag}={path!r} is a SavedModel not written by simclr-tf (no "
         f"{META_DIR}/{META_FILE}); re-export it with simclr-tf.")
-  with open(meta_path) as f:
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = ExportMeta.from_json(f.read())
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ExportError(
+        f"--{flag}={path!r} has an unreadable {META_FILE} "
+        f"({str(e).splitlines()[0][:120]}); re-export it with this version "
+        "of simclr-tf.") from e
+  if check:
     try:
-      return ExportMeta.from_json(f.read())
-    except (ValueError, KeyError, TypeError) as e:
+      verify_lib.verify(path, meta)
+    except verify_lib.VerifyError as e:
       raise ExportError(
-          f"--{flag}={path!r} has an unreadable {META_FILE} ({e}); "
-          "re-export it with this version of simclr-tf.") from e
+          f"--{flag}={path!r} cannot be used: {e}; re-export it, or give "
+          "an intact copy.") from e
+  return meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +177,8 @@ def load_logits_fn(path: str, flag: str = "teacher"):
   precision); other reusable SavedModels are called as they are.
   """
   path = resolve_export(path)
-  try:
-    meta = read_meta(path, flag)
-  except ExportError:
-    meta = None
+  ours = os.path.exists(os.path.join(path, META_DIR, META_FILE))
+  meta = read_meta(path, flag) if ours else None   # verified when ours
   if meta is not None:
     if not meta.model_config.num_classes:
       raise ExportError(

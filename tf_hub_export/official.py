@@ -26,19 +26,37 @@ layer directly. TF1 keys only number layers in creation order, so the TF1
 sequence is parsed with the official block grammar (shortcut, 1x1, 3x3 or
 selective kernel, 1x1, SE), checking every shape on the way; indices are
 compared as numbers, never sorted as strings. `infer_model_config` then reads
-the architecture off the mapped shapes.
+the architecture off the mapped shapes, and the official graph where there is
+one (a SavedModel's or hub module's `saved_model.pb`, a TF1 `model.ckpt-N.meta`,
+or the `saved_model/` that tf2/run.py writes beside its checkpoints) says
+which projection output feeds `head_supervised`.
+
+Damage is found before any model is built: `verify` reads every tensor the
+import needs (TensorFlow checks each one's CRC32C, so a flipped bit or a
+truncated file fails there), and the graph files must parse. Tensors the
+import does not need (optimizer slots, the unused EMA copy) are read too, and
+the unreadable ones are only counted: they cannot change the import.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf.message import DecodeError
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from tf_hub_export.official_arch import infer_model_config  # noqa: F401
+# The importer's architecture readers, re-exported.
+from tf_hub_export.official_arch import (  # noqa: F401
+    HeadInput, infer_model_config, read_architecture)
+from tf_hub_export.official_arch import selector_from_graph
 from tf_hub_export.official_layouts import (VALUE_SUFFIX, OfficialFormatError,
                                             map_tf1, map_tf2)
 
@@ -63,6 +81,9 @@ class OfficialWeights:
     leftovers: model tensors of the checkpoint that map to none of our
       layers (an import refuses them).
     global_step: the checkpoint's step (0 if absent).
+    graph_selector: the projection output feeding `head_supervised` in the
+      official graph (None: no graph, or none that shows it).
+    graph_file: the file that graph was read from.
   """
 
   form: str
@@ -72,22 +93,48 @@ class OfficialWeights:
   leftovers: tuple
   global_step: int
   reader: object = dataclasses.field(repr=False, default=None)
+  graph_selector: Optional[int] = None
+  graph_file: str = ""
 
   def value(self, path: str) -> np.ndarray:
     """The tensor of our `path`; OfficialFormatError if it cannot be read."""
-    key = self.keys[path]
-    try:
-      return self.reader.get_tensor(key)
-    except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
-      raise OfficialFormatError(
-          f"cannot read tensor {key!r} of {self.prefix!r} "
-          f"({_first_line(e)}): the data file is truncated or damaged; "
-          "download the checkpoint again.") from e
+    return _get(self.reader, self.prefix, self.keys[path], path)
+
+  def unused_keys(self) -> list:
+    """Checkpoint keys the import does not take (optimizer slots, counters,
+    the other EMA copy, bookkeeping)."""
+    used = set(self.keys.values())
+    return sorted(k for k in self.reader.get_variable_to_shape_map()
+                  if k not in used)
 
 
-def _first_line(error: Exception) -> str:
+_READ_ERRORS = (tf.errors.OpError, ValueError, IndexError, RuntimeError,
+                OSError)
+
+
+def _get(reader, prefix: str, key: str, ours: str = "") -> np.ndarray:
+  try:
+    return reader.get_tensor(key)
+  except _READ_ERRORS as e:
+    reason = re.sub(r"^TensorBundle at .*? \(\d+ bytes\): ", "",
+                    _first_line(e, limit=10000))
+    ours = f" (our {ours})" if ours else ""
+    raise OfficialFormatError(
+        f"{_data_files(prefix)} is truncated or damaged: tensor {key!r}"
+        f"{ours} cannot be read ({reason[:120]}); download or copy it again "
+        "(nothing was written).") from e
+
+
+def _data_files(prefix: str) -> str:
+  """The checkpoint's data file(s), as named in messages."""
+  found = sorted(glob.glob(glob.escape(prefix) + ".data-*"))
+  return found[0] if len(found) == 1 else prefix + ".data-*"
+
+
+def _first_line(error: Exception, limit: int = 160) -> str:
   text = str(error).strip().splitlines()
-  return text[0] if text else type(error).__name__
+  line = text[0] if text else type(error).__name__
+  return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 # === Finding the checkpoint ===================================================
@@ -182,6 +229,7 @@ def _open(prefix: str):
 def read(src: str, ema: bool = False) -> OfficialWeights:
   """Opens SRC, recognises its form and maps it onto our layers."""
   kind, prefix = resolve_source(src)
+  saved = None
   reader = _open(prefix)
   shapes = reader.get_variable_to_shape_map()
   keys = sorted(shapes)
@@ -198,8 +246,8 @@ def read(src: str, ema: bool = False) -> OfficialWeights:
   elif kind == "saved_model":
     form = "tf2_saved_model"
     _no_ema(ema, form)
-    structural = _saved_model_paths(os.path.dirname(os.path.dirname(prefix)),
-                                    reader)
+    saved = _parse_saved_model(_export_dir(prefix))
+    structural = _saved_model_paths(saved, reader, prefix)
     if not any(p.startswith("model/resnet_model/") for p in structural):
       raise _not_simclr(prefix, keys)
     mapping, leftovers = map_tf2(structural, [])
@@ -208,11 +256,53 @@ def read(src: str, ema: bool = False) -> OfficialWeights:
   step = 0
   for key in ("global_step", "global_step" + VALUE_SUFFIX):
     if key in shapes:
-      step = int(reader.get_tensor(key))
-  return OfficialWeights(
+      step = int(np.asarray(_get(reader, prefix, key)).reshape(-1)[0])
+  weights = OfficialWeights(
       form=form, prefix=prefix, keys=mapping,
       shapes={p: tuple(shapes[k]) for p, k in mapping.items()},
       leftovers=tuple(leftovers), global_step=step, reader=reader)
+  weights.graph_selector, weights.graph_file = _read_graph(weights, saved)
+  return weights
+
+
+def verify(weights: OfficialWeights) -> list:
+  """Reads every tensor the import needs, before any model is built.
+
+  Each read checks the tensor's CRC32C, so a truncated or bit-flipped data
+  file raises OfficialFormatError (one line naming the file and tensor).
+  The tensors the import does not need are read as well; those that fail
+  are returned, not raised: they cannot change what is imported.
+
+  Returns:
+    The unused checkpoint keys that cannot be read.
+  """
+  for path in sorted(weights.keys):
+    weights.value(path)
+  unreadable = []
+  for key in weights.unused_keys():
+    try:
+      weights.reader.get_tensor(key)
+    except _READ_ERRORS:
+      unreadable.append(key)
+  return unreadable
+
+
+def describe_unused(keys: list) -> str:
+  """'3 optimizer-slot tensors' / '2 EMA-copy and 1 other tensors'."""
+  kinds = {}
+  for key in keys:
+    if ".OPTIMIZER_SLOT/" in key or key.startswith("optimizer/") or re.search(
+        r"/(Momentum|Adam|Adam_1|RMSProp|RMSProp_1)$", key):
+      kind = "optimizer-slot"
+    elif key.startswith("ema_model/") or key.endswith(
+        "/ExponentialMovingAverage"):
+      kind = "EMA-copy"
+    else:
+      kind = "other"
+    kinds[kind] = kinds.get(kind, 0) + 1
+  parts = [f"{n} {kind}" for kind, n in sorted(kinds.items())]
+  noun = "tensor" if len(keys) == 1 else "tensors"
+  return " and ".join(parts) + f" {noun}"
 
 
 def _no_ema(ema: bool, form: str) -> None:
@@ -230,7 +320,27 @@ def _not_simclr(prefix: str, keys: list) -> OfficialFormatError:
       "'model/resnet_model/...' (TF2) keys.")
 
 
-def _saved_model_paths(export_dir: str, reader) -> dict:
+def _export_dir(prefix: str) -> str:
+  """The SavedModel folder of its `variables/variables` prefix."""
+  return os.path.dirname(os.path.dirname(prefix))
+
+
+def _parse_saved_model(export_dir: str):
+  """The SavedModel proto of `export_dir`; OfficialFormatError if damaged."""
+  path = os.path.join(export_dir, "saved_model.pb")
+  saved = saved_model_pb2.SavedModel()
+  try:
+    with open(path, "rb") as f:
+      saved.ParseFromString(f.read())
+  except (DecodeError, OSError, ValueError, RuntimeError) as e:
+    raise OfficialFormatError(
+        f"{path} is truncated or damaged (not a SavedModel: "
+        f"{_first_line(e)}); download or copy the whole folder again "
+        "(nothing was written).") from e
+  return saved
+
+
+def _saved_model_paths(saved, reader, prefix: str) -> dict:
   """Attribute path -> checkpoint key for every variable of a TF2 export.
 
   Walks the SavedModel's object graph from the root, skipping the edges that
@@ -238,14 +348,29 @@ def _saved_model_paths(export_dir: str, reader) -> dict:
   (`model/resnet_model/block_groups/1/layers/0/...`). Node ids are shared
   with the checkpoint's own object graph, which gives the key of each.
   """
-  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
-  from tensorflow.core.protobuf import trackable_object_graph_pb2  # pylint: disable=g-import-not-at-top
-  saved = saved_model_pb2.SavedModel()
-  with open(os.path.join(export_dir, "saved_model.pb"), "rb") as f:
-    saved.ParseFromString(f.read())
-  nodes = saved.meta_graphs[0].object_graph_def.nodes
+  export_dir = _export_dir(prefix)
   graph = trackable_object_graph_pb2.TrackableObjectGraph()
-  graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+  try:
+    graph.ParseFromString(_get(reader, prefix, "_CHECKPOINTABLE_OBJECT_GRAPH"))
+  except DecodeError as e:
+    raise OfficialFormatError(
+        f"the object graph of {prefix} is damaged ({_first_line(e)}); "
+        "download or copy the whole SavedModel again (nothing was "
+        "written).") from e
+  if not saved.meta_graphs:
+    raise OfficialFormatError(
+        f"{export_dir}/saved_model.pb holds no graph; download or copy the "
+        "whole SavedModel again (nothing was written).")
+  try:
+    return _walk_objects(saved.meta_graphs[0].object_graph_def.nodes, graph)
+  except (IndexError, KeyError) as e:
+    raise OfficialFormatError(
+        f"{export_dir}/saved_model.pb and its variables/ disagree (their "
+        "object graphs do not match): one of them is damaged or from another "
+        "export; copy the whole SavedModel again (nothing was written).") from e
+
+
+def _walk_objects(nodes, graph) -> dict:
   found, stack, seen = {}, [(0, "")], set()
   while stack:
     node_id, path = stack.pop()
@@ -266,3 +391,77 @@ def _saved_model_paths(export_dir: str, reader) -> dict:
   return found
 
 
+# === The official graph: which projection output feeds head_supervised ========
+
+def _read_graph(weights: OfficialWeights, saved=None) -> tuple:
+  """(selector the official graph shows or None, file it was read from).
+
+  A SavedModel or TF1 hub module carries its graph; a TF1 checkpoint may
+  have `model.ckpt-N.meta` beside it; tf2/run.py writes `saved_model/`
+  (or `saved_model/<step>/`) beside its checkpoints. A graph the source
+  itself carries must parse; one found beside a TF2 checkpoint is used only
+  if it parses and its variables have the checkpoint's shapes.
+  """
+  if weights.form in ("tf2_saved_model", "tf1_hub"):
+    export_dir = _export_dir(weights.prefix)
+    saved = saved or _parse_saved_model(export_dir)
+    return (_selector_of(saved.meta_graphs),
+            os.path.join(export_dir, "saved_model.pb"))
+  if weights.form == "tf1_checkpoint":
+    path = weights.prefix + ".meta"
+    if not os.path.exists(path):
+      return None, ""
+    meta = meta_graph_pb2.MetaGraphDef()
+    try:
+      with open(path, "rb") as f:
+        meta.ParseFromString(f.read())
+    except (DecodeError, OSError, ValueError, RuntimeError) as e:
+      raise OfficialFormatError(
+          f"{path} is truncated or damaged (not a TensorFlow graph: "
+          f"{_first_line(e)}); download it again, or move it away to import "
+          "the weights alone with --ft_proj_selector.") from e
+    return _selector_of([meta]), path
+  for export_dir in _exports_beside(weights):
+    try:
+      saved = _parse_saved_model(export_dir)
+    except OfficialFormatError:
+      continue
+    if _same_shapes(weights, export_dir):
+      return (_selector_of(saved.meta_graphs),
+              os.path.join(export_dir, "saved_model.pb"))
+  return None, ""
+
+
+def _selector_of(meta_graphs) -> Optional[int]:
+  lists, functions = [], set()
+  for meta in meta_graphs:
+    lists.append(meta.graph_def.node)
+    for function in meta.graph_def.library.function:
+      lists.append(function.node_def)
+      functions.add(function.signature.name)
+  return selector_from_graph(lists, functions)
+
+
+def _exports_beside(weights: OfficialWeights) -> list:
+  folder = os.path.dirname(weights.prefix)
+  found = []
+  for candidate in (os.path.join(folder, "saved_model"),
+                    os.path.join(folder, "saved_model",
+                                 str(weights.global_step)),
+                    os.path.join(os.path.dirname(folder), "saved_model")):
+    if os.path.exists(os.path.join(candidate, "saved_model.pb")):
+      found.append(candidate)
+  return found
+
+
+def _same_shapes(weights: OfficialWeights, export_dir: str) -> bool:
+  """The export's variables have exactly the checkpoint's model shapes."""
+  try:
+    shapes = tf.train.load_checkpoint(os.path.join(
+        export_dir, "variables", "variables")).get_variable_to_shape_map()
+  except _READ_ERRORS:
+    return False
+  theirs = sorted(tuple(s) for k, s in shapes.items()
+                  if k.endswith(VALUE_SUFFIX) and not k.startswith(
+                      ("save_counter", "global_step", "optimizer")))
+  return theirs == sorted(weights.shapes.values())

@@ -1,8 +1,19 @@
-"""The architecture of an official checkpoint, read off its shapes alone."""
+"""The architecture of an official checkpoint, read off its shapes, and the
+one thing the shapes cannot tell, read off the official graph.
+
+Depth, width, selective kernels, SE, stem and projection head follow from
+the tensors' shapes. Which projection output feeds `head_supervised` (the
+official `--ft_proj_selector`) does not when the widths agree; where the
+official code left a graph (a TF2 SavedModel, a TF1 hub module or `.meta`
+graph), `selector_from_graph` finds the supervised head's MatMul and counts
+the projection layers upstream of its input, without running anything.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from typing import Iterable, Optional
 
 from simclr_tf.models.config import ModelConfig, whole_channels
 from simclr_tf.models import blocks as blocks_lib
@@ -26,16 +37,24 @@ def _ratio(pairs: set, floor: int, candidates: tuple) -> float:
 
 
 def infer_model_config(weights,
-                       sup_head_input: int = 0) -> ModelConfig:
-  """The architecture of `weights`, from their shapes alone.
+                       ft_proj_selector: Optional[int] = None) -> ModelConfig:
+  """The architecture of `weights` (see `read_architecture`)."""
+  return read_architecture(weights, ft_proj_selector)[0]
+
+
+def read_architecture(weights, ft_proj_selector: Optional[int] = None
+                      ) -> tuple[ModelConfig, HeadInput]:
+  """The architecture of `weights`, and how its supervised head's input was
+  decided.
 
   Args:
-    weights: an official checkpoint mapped onto our layers.
-    sup_head_input: which projection-head output feeds the supervised head
-      (the official --ft_proj_selector; not visible in the weights when the
-      widths agree).
+    weights: an official checkpoint mapped onto our layers (its
+      `graph_selector` and `graph_file`: what the official graph says, if
+      one was found).
+    ft_proj_selector: the user's --ft_proj_selector (None: not given). It
+      must agree with the graph where there is one.
   Returns:
-    A float32-ready ModelConfig with global_bn off.
+    (a float32-ready ModelConfig with global_bn off, a HeadInput).
   """
   shapes = weights.shapes
   stem = sorted(p for p in shapes if re.match(r"resnet/stem/conv_\d+/kernel$",
@@ -86,27 +105,20 @@ def infer_model_config(weights,
   se_ratio = _ratio(se_pairs, 1, (0.25, 0.0625)) if se_pairs else 0.0
 
   head = _infer_head(shapes, filters * (4 if bottleneck else 1) * 8)
-  num_classes, sup_input = 0, 0
+  in_dim, num_classes = None, 0
   if "head_supervised/dense/kernel" in shapes:
     in_dim, num_classes = shapes["head_supervised/dense/kernel"]
-    widths = head["widths"]
-    if sup_head_input > len(widths) - 1:
-      raise OfficialFormatError(
-          f"--ft_proj_selector={sup_head_input}: the projection head has "
-          f"only {len(widths) - 1} layer(s).")
-    if widths[sup_head_input] != in_dim:
-      raise OfficialFormatError(
-          f"--ft_proj_selector={sup_head_input}: head_supervised takes "
-          f"{in_dim} features but projection output {sup_head_input} has "
-          f"{widths[sup_head_input]}; choose the selector it was trained "
-          "on.")
-    sup_input = sup_head_input
-  return ModelConfig(
+  chosen = choose_head_input(
+      head["widths"], in_dim, ft_proj_selector,
+      getattr(weights, "graph_selector", None),
+      getattr(weights, "graph_file", ""))
+  config = ModelConfig(
       resnet_depth=depth, width_multiplier=width, sk_ratio=sk_ratio,
       se_ratio=se_ratio, cifar_stem=cifar_stem, global_bn=False,
       proj_head_mode=head["mode"], num_proj_layers=head["num_layers"],
       proj_out_dim=head["out_dim"], num_classes=int(num_classes),
-      sup_head_input=sup_input, sup_head_stop_gradient=False)
+      sup_head_input=chosen.selector, sup_head_stop_gradient=False)
+  return config, chosen
 
 
 def _infer_head(shapes: dict, backbone_dim: int) -> dict:
@@ -136,3 +148,166 @@ def _infer_head(shapes: dict, backbone_dim: int) -> dict:
   return {"mode": "nonlinear", "num_layers": count, "out_dim": widths[-1],
           "widths": widths}
 
+
+# === Which projection output feeds head_supervised ===========================
+
+@dataclasses.dataclass(frozen=True)
+class HeadInput:
+  """The projection output feeding `head_supervised`, and how it was decided.
+
+  Attributes:
+    selector: 0 (the encoder output) or k (projection layer k).
+    how: 'graph' (read off the official graph, the flag agreeing or absent),
+      'flag' (--ft_proj_selector, no graph to check it against), 'width'
+      (the only output of the head's input width), 'assumed' (0: no graph,
+      and the widths allow several), or 'no head'.
+    allowed: the selectors the widths allow.
+    graph_file: the file the graph was read from ('graph' only).
+  """
+
+  selector: int
+  how: str
+  allowed: tuple = ()
+  graph_file: str = ""
+
+  def describe(self) -> str:
+    """A clause of the import's summary line."""
+    k = self.selector
+    if self.how == "graph":
+      return (f"ft_proj_selector={k} read from the graph of "
+              f"{self.graph_file}")
+    if self.how == "flag":
+      return f"ft_proj_selector={k} as --ft_proj_selector says (no graph)"
+    if self.how == "width":
+      return (f"ft_proj_selector={k}: the only projection output of the "
+              "width head_supervised takes")
+    if self.how == "assumed":
+      others = ", ".join(str(a) for a in self.allowed if a != k)
+      return (f"ft_proj_selector={k} ASSUMED: no graph to read it from and "
+              f"outputs {others} fit too; --ft_proj_selector decides it "
+              "(1 for the released finetuned_* models)")
+    return "no supervised head"
+
+
+def choose_head_input(widths: list, in_dim: Optional[int],
+                      flag: Optional[int], graph: Optional[int],
+                      graph_file: str = "") -> HeadInput:
+  """Decides which projection output feeds `head_supervised`.
+
+  Args:
+    widths: [encoder output, projection layer 1, ...] widths.
+    in_dim: the supervised head's input width (None: no supervised head).
+    flag: --ft_proj_selector (None: not given).
+    graph: the selector the official graph shows (None: no graph).
+    graph_file: where that graph was read.
+  Returns:
+    A HeadInput. Raises OfficialFormatError (one line) when the flag is out
+    of range, contradicts the graph, or does not fit the head's width.
+  """
+  last = len(widths) - 1
+  if flag is not None and not 0 <= flag <= last:
+    raise OfficialFormatError(
+        f"--ft_proj_selector={flag} is out of range: this checkpoint's "
+        f"projection head has {last} layer(s), so use 0 (encoder output) to "
+        f"{last}.")
+  if in_dim is None:
+    return HeadInput(0 if flag is None else flag, "no head")
+  allowed = tuple(k for k, w in enumerate(widths) if w == in_dim)
+  if graph is not None:
+    if flag is not None and flag != graph:
+      raise OfficialFormatError(
+          f"--ft_proj_selector={flag} contradicts the official graph in "
+          f"{graph_file}, whose head_supervised reads projection output "
+          f"{graph}; drop the flag (or give --ft_proj_selector={graph}).")
+    if graph not in allowed:
+      raise OfficialFormatError(
+          f"the graph in {graph_file} feeds head_supervised from projection "
+          f"output {graph} ({widths[graph] if graph <= last else 'absent'} "
+          f"features) but its kernel takes {in_dim}; the graph and the "
+          "weights are of different models: import the checkpoint alone.")
+    return HeadInput(graph, "graph", allowed, graph_file)
+  if flag is not None:
+    if flag not in allowed:
+      raise OfficialFormatError(
+          f"--ft_proj_selector={flag}: head_supervised takes {in_dim} "
+          f"features but projection output {flag} has {widths[flag]}; "
+          f"use one of {', '.join(map(str, allowed)) or 'none'} (the "
+          "selector it was trained on).")
+    return HeadInput(flag, "flag", allowed)
+  if not allowed:
+    raise OfficialFormatError(
+        f"head_supervised takes {in_dim} features but no projection output "
+        f"has that width (widths {widths}); the checkpoint mixes "
+        "architectures.")
+  if len(allowed) == 1:
+    return HeadInput(allowed[0], "width", allowed)
+  return HeadInput(0 if 0 in allowed else allowed[0], "assumed", allowed)
+
+
+_SUP_MATMUL = re.compile(
+    r"(^|/)head_supervised/linear_layer/dense(_\d+)?/MatMul$")
+_PROJ_MATMUL = re.compile(
+    r"(^|/)(projection_head|head_contrastive)/n?l_(\d+)/dense(_\d+)?/"
+    r"MatMul$")
+# Ops that run another function: what they compute is not in the node list.
+_CALL_OPS = frozenset(("PartitionedCall", "StatefulPartitionedCall", "If",
+                       "StatelessIf", "While", "StatelessWhile", "Case"))
+
+
+def selector_from_graph(node_lists: Iterable,
+                        function_names: Iterable = ()) -> Optional[int]:
+  """The --ft_proj_selector an official graph was built with, or None.
+
+  For each MatMul of `head_supervised/linear_layer/dense`, walks back from
+  its data input over the data edges and counts the projection layers
+  (`head_contrastive/nl_J` in TF1, `projection_head/nl_J` in TF2, `l_0` for
+  a linear head) it passes: their highest J + 1, or 0 when the head reads
+  the encoder output. Nothing is run.
+
+  Args:
+    node_lists: the NodeDef lists of a graph (a GraphDef's nodes and each
+      library function's node_def).
+    function_names: the graph's library functions (a node whose op is one
+      of them calls it).
+  Returns:
+    The selector, or None when no list holds a supervised head whose input
+    is fully visible (none at all, or one fed through a function call).
+    Raises OfficialFormatError when the graph's heads disagree.
+  """
+  calls = _CALL_OPS | frozenset(function_names)
+  found = set()
+  for nodes in node_lists:
+    by_name = {node.name: node for node in nodes}
+    for node in nodes:
+      if node.op == "MatMul" and _SUP_MATMUL.search(node.name) and node.input:
+        selector = _proj_layers_upstream(by_name, node.input[0], calls)
+        if selector is not None:
+          found.add(selector)
+  if len(found) > 1:
+    raise OfficialFormatError(
+        f"the official graph feeds head_supervised from projection outputs "
+        f"{sorted(found)} at once; import the checkpoint alone and give "
+        "--ft_proj_selector.")
+  return found.pop() if found else None
+
+
+def _node_name(edge: str) -> str:
+  return edge.split(":")[0]
+
+
+def _proj_layers_upstream(by_name: dict, edge: str,
+                          calls: frozenset) -> Optional[int]:
+  """Highest projection layer index + 1 among the ancestors of `edge`."""
+  layers, seen, stack = [], set(), [_node_name(edge)]
+  while stack:
+    name = stack.pop()
+    if name in seen or name not in by_name:
+      continue            # a function argument (the images, a variable)
+    seen.add(name)
+    node = by_name[name]
+    if node.op in calls:
+      return None         # the path runs through a function we do not see
+    if node.op == "MatMul" and (m := _PROJ_MATMUL.search(name)):
+      layers.append(int(m[3]))
+    stack.extend(_node_name(i) for i in node.input if not i.startswith("^"))
+  return max(layers) + 1 if layers else 0

@@ -5,13 +5,18 @@ Layouts (ROOT is `--data_dir`, or the bundled sample's directory):
     ROOT/<split>/<class>/<file>   labeled; classes sorted by name -> label ids
     ROOT/<split>/<file>           unlabeled; every label is -1
 
-Files may be JPEG, PNG (8 or 16 bit), BMP or GIF (first frame), of any size,
-grayscale, gray+alpha, RGB or RGBA; every image is converted to 8-bit RGB.
+Files may be JPEG, PNG (8 or 16 bit), BMP, GIF (first frame), WebP (lossy or
+lossless; first frame of an animation) or TIFF (8 or 16 bit, any compression
+Pillow reads; first page), of any size, grayscale, gray+alpha, RGB or RGBA;
+every image is converted to 8-bit RGB. TensorFlow decodes all of them but
+TIFF and animated WebP, which are decoded with Pillow (TensorFlow has no TIFF
+decoder, and on WebP animations its decoder returns wrong pixels and corrupts
+memory, TF 2.21).
 Hidden files and folders (names starting with '.') are ignored, symbolic
 links are followed (a folder reached twice through links is listed once).
 Files that cannot be used (empty, not an image, truncated, corrupt, broken
-links) are skipped and counted; `strict=True` turns the first one into an
-error.
+links, names that are not valid UTF-8, which TensorFlow cannot open) are
+skipped and counted; `strict=True` turns the first one into an error.
 
 Validation is done once per folder and process: a cheap size and header
 check of every file, then, unless the folder is large, a full parallel decode
@@ -24,11 +29,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import io
 import logging
 import os
 import struct
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 
 LOGGER = logging.getLogger("simclr_tf")
@@ -41,6 +48,23 @@ FULL_CHECK_MAX_BYTES = 1 << 30
 NUM_REPORTED = 10
 LAYOUT = ("ROOT/<split>/<class>/<image> (labeled) or ROOT/<split>/<image> "
           "(unlabeled)")
+FORMATS = "JPEG, PNG, BMP, GIF, WebP or TIFF"
+# First bytes of TIFF files: little- or big-endian, classic or BigTIFF.
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# A WebP file: b"RIFF", 4 bytes of size, b"WEBP", then its first chunk; an
+# extended (b"VP8X") chunk holds flags at byte 20, 0x02 = animation.
+_WEBP_ANIMATION_FLAG = 0x02
+_HEAD_BYTES = 21
+# (pattern, mask): a file is decoded with Pillow when its first bytes ANDed
+# with the mask equal the pattern, for a TIFF magic or an animated WebP.
+_PILLOW_HEADERS = tuple((magic, b"\xff" * 4) for magic in _TIFF_MAGICS) + ((
+    b"RIFF" + b"\x00" * 4 + b"WEBPVP8X" + b"\x00" * 4 +
+    bytes([_WEBP_ANIMATION_FLAG]),
+    b"\xff" * 4 + b"\x00" * 4 + b"\xff" * 8 + b"\x00" * 4 +
+    bytes([_WEBP_ANIMATION_FLAG])),)
+# Pillow modes of 16-bit grayscale (TIFF); 16-bit RGB(A) TIFFs open as 8-bit
+# "RGB"/"RGBA" holding the high byte of each sample.
+_PILLOW_16BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +77,9 @@ class FolderListing:
     labels: label id of each path; -1 when the folder is unlabeled.
     class_names: sorted names of the classes with at least one image; empty
       when unlabeled.
-    skipped: files that were skipped because they cannot be used.
+    skipped: files that were skipped because they cannot be used, as
+      `printable_path` shows them (a name that is not valid UTF-8 has its
+      bad bytes escaped, e.g. 'bad\\xff.jpg').
     skip_reasons: why, one per skipped file.
     fully_decoded: whether every file of `paths` was decoded once.
     num_bytes: total size of the files of `paths`.
@@ -87,22 +113,151 @@ def _gather_rgb(image: tf.Tensor) -> tf.Tensor:
   return tf.ensure_shape(image, [None, None, 3])
 
 
-def decode_image_uint8(contents: tf.Tensor) -> tf.Tensor:
-  """Decodes a JPEG, PNG, BMP or GIF file into 8-bit RGB.
+def printable_path(path: str) -> str:
+  """`path` as text, with the bytes of a name that is not UTF-8 escaped.
+
+  Python lists such a name with surrogate escapes ('bad\\udcff.jpg');
+  this gives the bytes instead ('bad\\xff.jpg'), and is `path` itself for
+  every valid name.
+  """
+  return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _name_problem(path: str) -> Optional[str]:
+  """Why `path` cannot be given to TensorFlow (not UTF-8), or None."""
+  try:
+    path.encode("utf-8")
+    return None
+  except UnicodeEncodeError:
+    pass
+  try:
+    os.path.basename(path).encode("utf-8")
+    return "folder name is not valid UTF-8, rename it"
+  except UnicodeEncodeError:
+    return "file name is not valid UTF-8, rename it"
+
+
+def _format_of(head: bytes) -> Optional[str]:
+  """'TIFF', 'animated WebP', 'WebP' or None from a file's first bytes."""
+  if head.startswith(_TIFF_MAGICS):
+    return "TIFF"
+  if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+    if (head[12:16] == b"VP8X" and len(head) > 20 and
+        head[20] & _WEBP_ANIMATION_FLAG):
+      return "animated WebP"
+    return "WebP"
+  return None
+
+
+class _Unsupported(Exception):
+  """An image Pillow reads but that has no 8-bit RGB meaning here."""
+
+
+def _pillow_rgb(contents: bytes) -> np.ndarray:
+  """Decodes the first page or frame of an image with Pillow into 8-bit RGB.
 
   Args:
-    contents: scalar string tensor, the bytes of the file.
+    contents: the bytes of the file (a TIFF or an animated WebP).
   Returns:
-    uint8 tensor [H, W, 3]. Grayscale is replicated to 3 channels, alpha is
-    dropped, 16-bit PNG is scaled to 8 bits, a GIF gives its first frame.
+    uint8 array [H, W, 3], converted as `decode_image_uint8` says.
+  Raises:
+    ValueError: the image is damaged or of a kind that is not supported; the
+      message is a short reason.
   """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  kind = _format_of(bytes(contents[:_HEAD_BYTES])) or "image"
+  try:
+    with Image.open(io.BytesIO(contents)) as image:
+      image.load()
+      return _pillow_to_rgb(image, kind)
+  except Image.DecompressionBombError as e:
+    raise ValueError(f"{kind} too large to decode ({e})") from e
+  except _Unsupported as e:
+    raise ValueError(str(e)) from e
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # Pillow raises OSError, SyntaxError, struct.error, EOFError, ... on
+    # damaged files.
+    raise ValueError(f"corrupt or truncated {kind}") from e
+
+
+def _pillow_to_rgb(image, kind: str) -> np.ndarray:
+  """A loaded Pillow image as uint8 [H, W, 3] (see `decode_image_uint8`)."""
+  if image.mode in _PILLOW_16BIT_GRAY:
+    # Keep the high byte, as TensorFlow does for 16-bit PNG.
+    gray = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+    return np.repeat(gray[:, :, np.newaxis], 3, axis=2)
+  if image.mode in ("I", "F"):
+    depth = "float" if image.mode == "F" else "integer"
+    raise _Unsupported(f"32-bit {depth} {kind} is not supported, convert it "
+                       "to 8 or 16 bit")
+  try:
+    # L, LA, P, 1, CMYK, YCbCr, RGB, RGBA; alpha is dropped.
+    return np.asarray(image.convert("RGB"), np.uint8)
+  except ValueError as e:
+    raise _Unsupported(f"{kind} of mode {image.mode} is not supported, "
+                       "convert it to PNG") from e
+
+
+def _needs_pillow(contents: tf.Tensor) -> tf.Tensor:
+  """Whether encoded image bytes are a TIFF or an animated WebP (bool)."""
+  def rows(index):
+    return tf.constant([list(row[index].ljust(_HEAD_BYTES, b"\x00"))
+                        for row in _PILLOW_HEADERS], tf.uint8)
+  # The first bytes, zero-padded when the file is shorter.
+  head = tf.io.decode_raw(contents, tf.uint8, fixed_length=_HEAD_BYTES)
+  matches = tf.equal(tf.bitwise.bitwise_and(head, rows(1)), rows(0))
+  return tf.reduce_any(tf.reduce_all(matches, axis=1))
+
+
+def _pillow_rgb_or_empty(contents) -> np.ndarray:
+  """`_pillow_rgb`, or an empty [0, 0, 3] array if the image cannot be used.
+
+  Returning instead of raising keeps TensorFlow from logging a Python
+  traceback for every damaged file; `_decode_with_pillow` raises instead.
+  """
+  if isinstance(contents, np.ndarray):  # Eager calls pass a 0-d array.
+    contents = contents.item()
+  try:
+    return _pillow_rgb(contents)
+  except ValueError:
+    return np.zeros([0, 0, 3], np.uint8)
+
+
+def _decode_with_pillow(contents: tf.Tensor) -> tf.Tensor:
+  image = tf.numpy_function(_pillow_rgb_or_empty, [contents], tf.uint8,
+                            stateful=False)
+  image = tf.ensure_shape(image, [None, None, 3])
+  with tf.control_dependencies([tf.debugging.assert_greater(
+      tf.size(image), 0, message="cannot decode the TIFF or animated WebP "
+      "(corrupt, truncated or of an unsupported kind)")]):
+    return tf.identity(image)
+
+
+def _decode_with_tensorflow(contents: tf.Tensor) -> tf.Tensor:
   image = tf.io.decode_image(contents, channels=0, dtype=tf.uint8,
                              expand_animations=False)
   return _gather_rgb(image)
 
 
+def decode_image_uint8(contents: tf.Tensor) -> tf.Tensor:
+  """Decodes a JPEG, PNG, BMP, GIF, WebP or TIFF file into 8-bit RGB.
+
+  Args:
+    contents: scalar string tensor, the bytes of the file.
+  Returns:
+    uint8 tensor [H, W, 3]. Grayscale is replicated to 3 channels, alpha is
+    dropped, 16-bit PNG and TIFF keep the high byte of each sample, a GIF or
+    WebP animation gives its first frame, a TIFF its first page. TIFF and
+    animated WebP are decoded with Pillow (`tf.numpy_function`, inside
+    `tf.data` too); the other formats by TensorFlow alone.
+  """
+  return tf.cond(_needs_pillow(contents),
+                 lambda: _decode_with_pillow(contents),
+                 lambda: _decode_with_tensorflow(contents))
+
+
 def decode_image(contents: tf.Tensor) -> tf.Tensor:
-  """Decodes a JPEG, PNG, BMP or GIF file into float32 RGB in [0, 1].
+  """Decodes a JPEG, PNG, BMP, GIF, WebP or TIFF file into RGB in [0, 1].
 
   Args:
     contents: scalar string tensor, the bytes of the file.
@@ -144,9 +299,14 @@ def check_file(path: str) -> Optional[str]:
   Args:
     path: file path.
   Returns:
-    None if the file starts like a JPEG, PNG, BMP or GIF image, else a short
-    reason ('empty file', 'not a JPEG, PNG, BMP or GIF image', ...).
+    None if the file starts like a JPEG, PNG, BMP, GIF, WebP or TIFF image
+    and its name can be given to TensorFlow, else a short reason ('empty
+    file', 'not a JPEG, PNG, BMP, GIF, WebP or TIFF image', 'file name is
+    not valid UTF-8, rename it', ...).
   """
+  name_problem = _name_problem(path)
+  if name_problem:
+    return name_problem
   if os.path.islink(path) and not os.path.exists(path):
     return f"broken symbolic link to {os.readlink(path)}"
   try:
@@ -162,18 +322,30 @@ def check_file(path: str) -> Optional[str]:
     return None
   if head.startswith(b"BM"):
     return _check_bmp(head, size)
-  return "not a JPEG, PNG, BMP or GIF image"
+  kind = _format_of(head)
+  if kind is not None and "WebP" in kind:
+    declared = struct.unpack_from("<I", head, 4)[0] + 8
+    if size < declared:
+      return f"truncated ({size} of {declared} bytes)"
+  if kind is not None:
+    return None
+  return f"not a {FORMATS} image"
 
 
 def _decode_failure_reason(path: str) -> str:
-  """Why a file with a valid header failed to decode: truncated or corrupt."""
+  """Why a file with a valid header failed to decode: truncated, corrupt or,
+  for the files Pillow decodes, of a kind that is not supported."""
   try:
     with open(path, "rb") as f:
-      head = f.read(8)
-      f.seek(max(0, os.path.getsize(path) - 64))
-      tail = f.read(64)
+      contents = f.read()
   except OSError as e:
     return f"cannot be read ({e.strerror})"
+  head, tail = contents[:_HEAD_BYTES], contents[-64:]
+  if _format_of(head) in ("TIFF", "animated WebP"):
+    try:
+      _pillow_rgb(contents)
+    except ValueError as e:
+      return f"cannot be decoded ({e})"
   if head.startswith(b"\xff\xd8") and b"\xff\xd9" not in tail:
     return "cannot be decoded (truncated JPEG)"
   if head.startswith(b"\x89PNG") and b"IEND" not in tail:
@@ -256,8 +428,8 @@ def _scan(directory: str, signature: tuple) -> FolderListing:
       path = os.path.join(directory, name)
       if name not in class_dirs and (os.path.isfile(path) or
                                      os.path.islink(path)):
-        skipped.append(path)
-        reasons.append("not inside a class folder")
+        skipped.append(printable_path(path))
+        reasons.append(_name_problem(path) or "not inside a class folder")
     for name in class_dirs:
       candidates.extend(
           (p, name) for p in _files_under(os.path.join(directory, name)))
@@ -269,7 +441,7 @@ def _scan(directory: str, signature: tuple) -> FolderListing:
   good = [c for c, r in zip(candidates, header_reasons) if r is None]
   for (path, _), reason in zip(candidates, header_reasons):
     if reason is not None:
-      skipped.append(path)
+      skipped.append(printable_path(path))
       reasons.append(reason)
 
   num_bytes = sum(os.path.getsize(p) for p, _ in good)
@@ -278,7 +450,7 @@ def _scan(directory: str, signature: tuple) -> FolderListing:
     decodable = _decodable([p for p, _ in good])
     for (path, _), ok in zip(good, decodable):
       if not ok:
-        skipped.append(path)
+        skipped.append(printable_path(path))
         reasons.append(_decode_failure_reason(path))
     good = [c for c, ok in zip(good, decodable) if ok]
     num_bytes = sum(os.path.getsize(p) for p, _ in good)
@@ -288,7 +460,7 @@ def _scan(directory: str, signature: tuple) -> FolderListing:
     for name in class_dirs:
       if name not in class_names:
         LOGGER.warning("Class folder %s has no usable image; it is not a "
-                       "class.", os.path.join(directory, name))
+                       "class.", printable_path(os.path.join(directory, name)))
     ids = {name: i for i, name in enumerate(class_names)}
     labels = tuple(ids[name] for _, name in good)
   else:
@@ -298,7 +470,7 @@ def _scan(directory: str, signature: tuple) -> FolderListing:
     more = len(skipped) - NUM_REPORTED
     LOGGER.warning(
         "Skipped %d unusable file(s) in %s: %s%s", len(skipped),
-        directory, "; ".join(f"{p} ({r})" for p, r in
+        printable_path(directory), "; ".join(f"{p} ({r})" for p, r in
                              zip(skipped[:NUM_REPORTED],
                                  reasons[:NUM_REPORTED])),
         f"; and {more} more" if more > 0 else "")
@@ -335,13 +507,13 @@ def list_image_folder(root: str, split: str,
   if not os.path.isdir(directory):
     raise ValueError(f"{root!r} has no {split!r} folder; expected {LAYOUT}.")
   listing = _scan(directory, _signature(directory))
+  shown = printable_path(directory)
   if strict and listing.skipped:
     raise ValueError(
         f"{listing.skipped[0]} cannot be used ({listing.skip_reasons[0]}; "
-        f"{len(listing.skipped)} unusable file(s) in {directory}): remove it "
+        f"{len(listing.skipped)} unusable file(s) in {shown}): remove it "
         "or drop --strict_data to skip such files.")
   if not listing.paths:
     raise ValueError(
-        f"{directory} has no usable image (JPEG, PNG, BMP or GIF); expected "
-        f"{LAYOUT}.")
+        f"{shown} has no usable image ({FORMATS}); expected {LAYOUT}.")
   return listing

@@ -348,11 +348,19 @@ def _folder_root(dataset: str, data_dir: str) -> Optional[str]:
       raise ValueError(
           f"--dataset={IMAGE_FOLDER} needs --data_dir=ROOT with "
           f"{folder_lib.LAYOUT}.")
-    if not os.path.isdir(data_dir):
-      raise ValueError(f"--data_dir={data_dir} does not exist; expected "
-                       f"{folder_lib.LAYOUT}.")
+    check_data_dir(data_dir)
     return data_dir
   return None
+
+
+def check_data_dir(data_dir: str) -> None:
+  """ValueError naming what --data_dir is when it is not a folder."""
+  if os.path.isdir(data_dir):
+    return
+  what = ("is a file, not a folder" if os.path.exists(data_dir)
+          else "does not exist")
+  raise ValueError(f"--data_dir={data_dir} {what}; expected "
+                   f"{folder_lib.LAYOUT}.")
 
 
 def open_source(dataset: str, data_dir: str, split: str,
