@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 import keras
 import numpy as np
@@ -924,6 +925,36 @@ def test_full_disk_exits_3_and_leaves_nothing(tmp_path, synthetic):
     _assert_refused(proc, 3, (f"cannot write --output='{out}' (No space "
                               "left on device)", "free some space"),
                     tmp_path, before, str(out))
+
+
+@pytest.mark.slow
+def test_a_killed_import_leaves_no_staging_after_the_next_import(
+    tmp_path, synthetic):
+  """SIGKILL while the export is staged: the output does not exist, and the
+  next import to it removes the staging folder the kill left behind."""
+  src = _copy(synthetic, "tf1", tmp_path / "src_parent")
+  out = tmp_path / "outputs" / "imported"
+  out.parent.mkdir()
+  env = dict(os.environ)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "tf_hub_export.import_official", str(src),
+       f"--output={out}"], stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+  staged = []
+  deadline = time.time() + 300
+  while not staged and proc.poll() is None and time.time() < deadline:
+    staged = [n for n in os.listdir(out.parent) if n.startswith(".imported")
+              and os.listdir(out.parent / n)]
+    time.sleep(0.005)
+  proc.kill()
+  proc.wait()
+  if not staged:
+    pytest.skip("the import finished before it could be killed")
+  leftovers = [n for n in os.listdir(out.parent) if n.startswith(".")]
+  assert leftovers and not out.exists()
+  proc = _import_cli(src, f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert sorted(os.listdir(out.parent)) == ["imported"]
 
 
 def test_unwritable_output_folder_exits_3_and_leaves_nothing(tmp_path,
