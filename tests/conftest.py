@@ -3,6 +3,7 @@ fresh process with the CPU split into logical devices."""
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -159,3 +160,13 @@ def assert_refused(proc, status, *phrases):
   for phrase in phrases:
     assert phrase in lines[-1], lines[-1]
   return lines[-1]
+
+
+@pytest.fixture
+def log_text(caplog):
+  """What simclr_tf logs during the test (its logger may not propagate)."""
+  logger = logging.getLogger("simclr_tf")
+  logger.addHandler(caplog.handler)
+  caplog.set_level(logging.INFO, logger="simclr_tf")
+  yield lambda: caplog.text
+  logger.removeHandler(caplog.handler)

@@ -728,8 +728,33 @@ DAMAGED = {
 }
 
 
+# Also run as a separate process (slow): the error is the last line of the
+# process's stderr, after whatever TensorFlow logs.
+CLI_CASES = ("tf1_data_truncated", "saved_model_pb_truncated",
+             "selector_contradicts_the_graph", "class_names_not_utf8")
+
+
 @pytest.mark.parametrize("case", sorted(DAMAGED))
 def test_damaged_input_or_bad_flag_exits_2_and_changes_nothing(
+    tmp_path, synthetic, case, capsys):
+  """`main` in this process: its exit status and stderr, as run by a user."""
+  # pylint: disable=g-import-not-at-top
+  from tf_hub_export import import_official as importer
+  make, status, words = DAMAGED[case]
+  src = tmp_path / "src"
+  src.mkdir()
+  args = make(src, synthetic)
+  out = tmp_path / "out"
+  before = _digest(tmp_path)
+  capsys.readouterr()
+  code = importer.main([*map(str, args), f"--output={out}"])
+  proc = subprocess.CompletedProcess([], code, "", capsys.readouterr().err)
+  _assert_refused(proc, status, words, tmp_path, before, str(out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_damaged_input_or_bad_flag_in_a_process_is_one_last_line(
     tmp_path, synthetic, case):
   make, status, words = DAMAGED[case]
   src = tmp_path / "src"
