@@ -728,6 +728,15 @@ DAMAGED = {
 }
 
 
+def _damaged_case(tmp_path, synthetic, case):
+  """(arguments, output, digests before, exit status, words) of a case."""
+  make, status, words = DAMAGED[case]
+  src = tmp_path / "src"
+  src.mkdir()
+  args = make(src, synthetic)
+  return args, tmp_path / "out", _digest(tmp_path), status, words
+
+
 # Also run as a separate process (slow): the error is the last line of the
 # process's stderr, after whatever TensorFlow logs.
 CLI_CASES = ("tf1_data_truncated", "saved_model_pb_truncated",
@@ -740,12 +749,7 @@ def test_damaged_input_or_bad_flag_exits_2_and_changes_nothing(
   """`main` in this process: its exit status and stderr, as run by a user."""
   # pylint: disable=g-import-not-at-top
   from tf_hub_export import import_official as importer
-  make, status, words = DAMAGED[case]
-  src = tmp_path / "src"
-  src.mkdir()
-  args = make(src, synthetic)
-  out = tmp_path / "out"
-  before = _digest(tmp_path)
+  args, out, before, status, words = _damaged_case(tmp_path, synthetic, case)
   capsys.readouterr()
   code = importer.main([*map(str, args), f"--output={out}"])
   proc = subprocess.CompletedProcess([], code, "", capsys.readouterr().err)
@@ -756,12 +760,7 @@ def test_damaged_input_or_bad_flag_exits_2_and_changes_nothing(
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_damaged_input_or_bad_flag_in_a_process_is_one_last_line(
     tmp_path, synthetic, case):
-  make, status, words = DAMAGED[case]
-  src = tmp_path / "src"
-  src.mkdir()
-  args = make(src, synthetic)
-  out = tmp_path / "out"
-  before = _digest(tmp_path)
+  args, out, before, status, words = _damaged_case(tmp_path, synthetic, case)
   proc = _import_cli(*args, f"--output={out}")
   _assert_refused(proc, status, words, tmp_path, before, str(out))
 
