@@ -357,8 +357,10 @@ def test_api_export_for_deployment_reads_the_splits(classifier, data,
 def test_command_line_export_int8_and_its_refusals(classifier, tmp_path):
   from conftest import run_cli  # pylint: disable=g-import-not-at-top
   out = tmp_path / "student"
+  # This random head's classes are nearly tied, so int8 may flip some; the
+  # agreement gate itself is test_below_min_agreement_keeps_nothing.
   proc = run_cli("--mode=export", f"--init_from={classifier}",
-                 f"--model_dir={out}", "--quantize=int8")
+                 f"--model_dir={out}", "--quantize=int8", "--min_agreement=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / deploy.REPORT_FILE) as f:
     report = json.load(f)
