@@ -18,6 +18,10 @@ architecture and the structural path of every variable are written beside
 the graph (`assets.extra/simclr_tf.json`) so the next stage rebuilds the same
 Keras model and restores every weight by path, without tensor names.
 
+The weights are saved once, as `obj.variables` (the Keras model is not
+tracked by the root object: the traced functions capture its variables and
+the manifest names them).
+
 Exports are written to a temporary folder and moved into place
 (`simclr_tf.atomic.write_dir`), so a kill never leaves a half-written
 `saved_model/` and the previous export stays usable until the new one is
@@ -85,7 +89,6 @@ class _Reusable(tf.__internal__.tracking.AutoTrackable):
 
   def __init__(self, model: SimCLR):
     super().__init__()
-    self._net = model
     self.variables = [v.value for v in model.variables]
     self.trainable_variables = [v.value for v in model.trainable_variables]
     self.regularization_losses = []
@@ -100,10 +103,14 @@ class _Reusable(tf.__internal__.tracking.AutoTrackable):
       self.__call__.get_concrete_function(spec, training=training)
     # Endpoints for keras.layers.TFSMLayer(call_endpoint="serve",
     # call_training_endpoint="train") under Keras 3.
-    self.serve = tf.function(lambda images: call(images, training=False),
-                             input_signature=[spec])
-    self.train = tf.function(lambda images: call(images, training=True),
-                             input_signature=[spec])
+    # They call the traces above (not the model again): exporting traces
+    # the network twice, not four times.
+    self.serve = tf.function(
+        lambda images: self.__call__(images, training=False),
+        input_signature=[spec])
+    self.train = tf.function(
+        lambda images: self.__call__(images, training=True),
+        input_signature=[spec])
 
 
 def export_saved_model(model: SimCLR, export_dir: str, image_size: int,
