@@ -1,6 +1,7 @@
 """Shared test harness: quiet TensorFlow, tiny configs, a CLI runner, and a
 fresh process with the CPU split into logical devices."""
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -37,6 +38,28 @@ def export_small_classifier(out, class_names, **overrides):
       size=head.kernel.shape).astype(np.float32))
   export_saved_model(model, out, 32, class_names=class_names)
   return out
+
+
+# The bundled sample's (and CIFAR-10's) classes, in their order.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog",
+                   "frog", "horse", "ship", "truck")
+
+
+@pytest.fixture(scope="session")
+def small_classifier(tmp_path_factory, worker_id):
+  """One export of `export_small_classifier` for CIFAR10_CLASSES, shared by
+  the whole run (written once for all pytest-xdist workers). Read it only:
+  a test that damages an export copies it first."""
+  if worker_id == "master":
+    root = tmp_path_factory.getbasetemp()
+  else:                                   # the folder all workers share
+    root = tmp_path_factory.getbasetemp().parent
+  path = root / "small_classifier" / "saved_model"
+  with open(root / "small_classifier.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)      # the first worker writes it
+    if not (path / "saved_model.pb").exists():
+      export_small_classifier(str(path), CIFAR10_CLASSES)
+  return str(path)
 
 
 def _env(extra=None) -> dict:

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import export_small_classifier, run_cli
+from conftest import run_cli
 from simclr_tf import inference
 from simclr_tf.data import pipeline
 from simclr_tf.data import folder
@@ -269,9 +269,8 @@ def test_strict_data_names_a_file_that_is_not_utf8_in_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-  return export_small_classifier(
-      str(tmp_path_factory.mktemp("export") / "saved_model"), ("cat", "dog"))
+def export_dir(small_classifier):
+  return small_classifier
 
 
 def test_embed_and_predict_skip_and_list_exactly_the_bad_files(

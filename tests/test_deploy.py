@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import export_small_classifier, snapshot
+from conftest import CIFAR10_CLASSES, snapshot
 
 for _module in ("ai_edge_litert", "tf2onnx", "onnxruntime"):
   pytest.importorskip(
@@ -24,14 +24,12 @@ from simclr_tf.config import ModelConfig
 from simclr_tf.models.simclr import build_float32
 from tf_hub_export.export import export_saved_model
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-           "horse", "ship", "truck")
+CLASSES = CIFAR10_CLASSES
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-  return export_small_classifier(
-      str(tmp_path_factory.mktemp("ft") / "saved_model"), CLASSES)
+def classifier(small_classifier):
+  return small_classifier
 
 
 @pytest.fixture(scope="module")

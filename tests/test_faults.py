@@ -22,8 +22,8 @@ import pytest
 import tensorflow as tf
 
 import simclr_tf
-from conftest import (ROOT, TINY_FLAGS, _env, assert_refused,
-                      export_small_classifier, run_cli, snapshot)
+from conftest import (CIFAR10_CLASSES, ROOT, TINY_FLAGS, _env, assert_refused,
+                      run_cli, snapshot)
 from simclr_tf import atomic
 from simclr_tf import checkpoints
 from simclr_tf import cli
@@ -35,7 +35,7 @@ from tf_hub_export import verify as verify_lib
 DATA = os.path.join("variables", "variables.data-00000-of-00001")
 INDEX = os.path.join("variables", "variables.index")
 META = os.path.join("assets.extra", "simclr_tf.json")
-CLASSES = [f"c{i}" for i in range(10)]   # the bundled sample's 10 classes
+CLASSES = CIFAR10_CLASSES   # the bundled sample's 10 classes
 
 
 # --- Harness -------------------------------------------------------------------
@@ -113,10 +113,9 @@ READERS = {
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
+def classifier(small_classifier):
   """An intact export of a quarter-width ResNet-18 for the 10 classes."""
-  return export_small_classifier(
-      str(tmp_path_factory.mktemp("export") / "saved_model"), CLASSES)
+  return small_classifier
 
 
 def _damaged(classifier, tmp_path, damage):

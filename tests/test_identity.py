@@ -10,15 +10,14 @@ import shutil
 
 import pytest
 
-from conftest import assert_refused, export_small_classifier, run_cli, snapshot
+from conftest import assert_refused, run_cli, snapshot
 from simclr_tf.config import ConfigError
 from test_faults import CLASSES, STAGE_FLAGS, _train
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-  return export_small_classifier(
-      str(tmp_path_factory.mktemp("export") / "saved_model"), CLASSES)
+def classifier(small_classifier):
+  return small_classifier
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import ROOT, export_small_classifier
+from conftest import ROOT
 from simclr_tf import inference
 from simclr_tf.data import folder
 from simclr_tf.data import pipeline
@@ -236,9 +236,8 @@ def test_input_pipeline_reads_webp_and_tiff(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-  return export_small_classifier(
-      str(tmp_path_factory.mktemp("export") / "saved_model"), ("a", "b"))
+def export_dir(small_classifier):
+  return small_classifier
 
 
 def test_embed_and_predict_read_webp_and_tiff(export_dir, tmp_path):

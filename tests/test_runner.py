@@ -66,7 +66,8 @@ def exports(tmp_path_factory):
   tf.saved_model.save(foreign, str(root / "foreign"))
   paths = {"foreign": str(root / "foreign")}
   for classes in (0, 3):
-    config = ModelConfig(proj_out_dim=32, num_classes=classes,
+    config = ModelConfig(width_multiplier=0.25, proj_out_dim=32,
+                         num_classes=classes,
                          proj_layers_kept=1 if classes else None,
                          sup_head_input=1 if classes else 0)
     path = str(root / f"export{classes}")
@@ -98,7 +99,8 @@ def test_bad_runs_fail_with_one_line_before_training(changes, expected,
   changes = {k: v.format(**values) if isinstance(v, str) else v
              for k, v in changes.items()}
   model_dir = changes.pop("model_dir", str(tmp_path / "run"))
-  cfg = Config(model_dir=model_dir, precision="float32", **changes)
+  cfg = Config(model_dir=model_dir, precision="float32",
+               width_multiplier=0.25, **changes)
   with pytest.raises(ConfigError) as err:
     simclr_tf.run(cfg)
   assert expected.format(**values) in str(err.value)
@@ -145,8 +147,8 @@ def test_train_then_eval_without_the_eval_split_is_refused_first(tmp_path):
 
 
 def test_init_head_starts_the_student_as_its_teacher(tmp_path):
-  config = ModelConfig(proj_out_dim=32, num_classes=10, proj_layers_kept=1,
-                       sup_head_input=1)
+  config = ModelConfig(width_multiplier=0.25, proj_out_dim=32, num_classes=10,
+                       proj_layers_kept=1, sup_head_input=1)
   teacher = simclr_lib.build_model(config, 32)
   rng = tf.random.Generator.from_seed(0)
   for w in teacher.get_layer("head_supervised").weights:   # zeros at first
@@ -159,7 +161,8 @@ def test_init_head_starts_the_student_as_its_teacher(tmp_path):
   for init_head in (True, False):
     cfg = Config(train_mode="distill", teacher=path, init_from=path,
                  init_head=init_head, proj_out_dim=32, ft_proj_selector=1,
-                 precision="float32", model_dir=str(tmp_path / "run"))
+                 width_multiplier=0.25, precision="float32",
+                 model_dir=str(tmp_path / "run"))
     net = runner.build_net(cfg, runner.make_plan(cfg))
     got = net(images, training=False)["logits_sup"].numpy()
     if init_head:
