@@ -54,18 +54,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data", "cifar10")
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(p: argparse.ArgumentParser, out: str,
+                    budget_help: str) -> None:
+  """The arguments every CIFAR-10 recipe benchmark takes (this one and
+  small_student.py): data, output folder, budget, precision, holdout, seed
+  and smoke steps."""
   p.add_argument("--data_dir", default=SHARED,
                  help="CIFAR-10 image folder with train/ and test/.")
-  p.add_argument("--out", default=os.path.join(ROOT, "runs",
-                                               "label_efficiency"))
+  p.add_argument("--out", default=os.path.join(ROOT, "runs", out))
   p.add_argument("--budget", type=float, default=1.0,
-                 help="Scales every epoch count (1.0: about 90 min on a "
-                 "2-core CPU with native bfloat16; use ~0.1 on AVX2 only).")
+                 help="Scales every epoch count (1.0: " + budget_help + ").")
   p.add_argument("--precision", default="auto",
-                 help="run.py's --precision (auto: mixed_bfloat16 where "
-                 "bfloat16 is native, else float32).")
+                 help="run.py's --precision for training (auto: "
+                 "mixed_bfloat16 where bfloat16 is native, else float32).")
+  p.add_argument("--holdout", type=float, default=0.1,
+                 help="Fraction of each class held out from train as 'val'.")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--smoke_steps", type=int, default=0,
+                 help="Cap every stage at this many steps (a quick check of "
+                 "the script; the figures then mean nothing).")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_common_args(p, "label_efficiency", "about 90 min on a 2-core CPU with "
+                  "native bfloat16; use ~0.1 on AVX2 only")
   p.add_argument("--width_multiplier", type=float, default=0.25,
                  help="ResNet-18 width (1.0: the paper's; 0.25 runs ~6x "
                  "faster on a CPU, which is what fits the budget).")
@@ -91,12 +104,6 @@ def parse_args(argv=None):
   p.add_argument("--distill_init_head", type=int, default=0,
                  help="1: the student starts as its teacher (--init_head); "
                  "0: from the teacher's encoder with a new zero head.")
-  p.add_argument("--holdout", type=float, default=0.1,
-                 help="Fraction of each class held out from train as 'val'.")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--smoke_steps", type=int, default=0,
-                 help="Cap every stage at this many steps (a quick check of "
-                 "the script; the figures then mean nothing).")
   return p.parse_args(argv)
 
 

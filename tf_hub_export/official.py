@@ -325,19 +325,25 @@ def _export_dir(prefix: str) -> str:
   return os.path.dirname(os.path.dirname(prefix))
 
 
-def _parse_saved_model(export_dir: str):
-  """The SavedModel proto of `export_dir`; OfficialFormatError if damaged."""
-  path = os.path.join(export_dir, "saved_model.pb")
-  saved = saved_model_pb2.SavedModel()
+def _parse_file(path: str, proto, what: str, fix: str):
+  """`proto` parsed from the file at `path`; OfficialFormatError naming the
+  file, `what` it should be and the `fix` if it is unreadable or damaged."""
   try:
     with open(path, "rb") as f:
-      saved.ParseFromString(f.read())
+      proto.ParseFromString(f.read())
   except (DecodeError, OSError, ValueError, RuntimeError) as e:
     raise OfficialFormatError(
-        f"{path} is truncated or damaged (not a SavedModel: "
-        f"{_first_line(e)}); download or copy the whole folder again "
-        "(nothing was written).") from e
-  return saved
+        f"{path} is truncated or damaged (not {what}: {_first_line(e)}); "
+        f"{fix}.") from e
+  return proto
+
+
+def _parse_saved_model(export_dir: str):
+  """The SavedModel proto of `export_dir`; OfficialFormatError if damaged."""
+  return _parse_file(os.path.join(export_dir, "saved_model.pb"),
+                     saved_model_pb2.SavedModel(), "a SavedModel",
+                     "download or copy the whole folder again (nothing was "
+                     "written)")
 
 
 def _saved_model_paths(saved, reader, prefix: str) -> dict:
@@ -411,15 +417,10 @@ def _read_graph(weights: OfficialWeights, saved=None) -> tuple:
     path = weights.prefix + ".meta"
     if not os.path.exists(path):
       return None, ""
-    meta = meta_graph_pb2.MetaGraphDef()
-    try:
-      with open(path, "rb") as f:
-        meta.ParseFromString(f.read())
-    except (DecodeError, OSError, ValueError, RuntimeError) as e:
-      raise OfficialFormatError(
-          f"{path} is truncated or damaged (not a TensorFlow graph: "
-          f"{_first_line(e)}); download it again, or move it away to import "
-          "the weights alone with --ft_proj_selector.") from e
+    meta = _parse_file(path, meta_graph_pb2.MetaGraphDef(),
+                       "a TensorFlow graph",
+                       "download it again, or move it away to import the "
+                       "weights alone with --ft_proj_selector")
     return _selector_of([meta]), path
   for export_dir in _exports_beside(weights):
     try:
