@@ -70,8 +70,9 @@ step) and from step times of both widths measured on a 2-core AMD EPYC:
 3, oneDNN on, shared with other jobs) these narrow networks trained 2-5x
 slower than the AMX figures (0.25x pretraining 0.7-2.0 s a step of 256
 against 0.4 s; 0.125x 0.3-0.5 s), not the ~10x label_efficiency.py
-assumes, so --budget=0.1 is estimated at 30-50 minutes there and
---budget=0.25 at about 2 hours. --smoke_steps caps every stage (a check of
+assumes: --budget=0.15 took 66 minutes there (2026-12-03, the teacher's
+pretraining 44 of them while tests shared the CPU), so --budget=0.25 is
+about 2 hours. --smoke_steps caps every stage (a check of
 the script; the figures then mean nothing).
 
 Deviations from the paper, forced by the budget: the teacher is a 0.25x
