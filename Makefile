@@ -6,10 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Two test processes (pytest-xdist): most of a test's time is single-threaded
-# graph building, so two of them share 2 cores about twice as fast. The fast
-# suite's tests are stolen by an idle worker (--dist worksteal: 236 s against
-# 263 s with the default scheduling, 2026-12-03, Zen 3); the slow and
-# official tests keep each file in one process (module fixtures train).
+# graph building, so two of them share 2 cores about twice as fast. The slow
+# and official tests keep each file in one process (module fixtures train).
 WORKERS ?= 2
 
 .PHONY: demo test test-all test-slow test-official bench clean
@@ -27,7 +25,7 @@ demo: $(STAMP)
 
 # The default suite (fast tests, no ../shared needed).
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal -m "not slow and not official" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) -m "not slow and not official" $(PYTEST_ARGS)
 
 # Training subprocesses, multi-worker, preemption and hub tests.
 test-slow: $(STAMP)
