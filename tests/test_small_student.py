@@ -24,13 +24,13 @@ def _args(data_root, *argv):   # pylint: disable=redefined-outer-name
 def test_students_are_smaller_and_learn_from_the_fine_tuned_teacher(
     data_root):  # pylint: disable=redefined-outer-name
   a = _args(data_root)
-  stages = {k: cli.config_from_args(f)
-            for k, f in ss.labeled_stages(a, data_root).items()}
+  flags = ss.labeled_stages(a, data_root)
+  stages = {k: cli.config_from_args(f) for k, f in flags.items()}
   assert set(stages) == {"teacher_pretrain", "teacher_finetune",
                          "small_pretrain", "small_finetune",
                          "small_supervised"}
-  teacher = ss.export_of(ss.labeled_stages(a, data_root)["teacher_finetune"])
-  small_pre = ss.export_of(ss.labeled_stages(a, data_root)["small_pretrain"])
+  teacher = ss.export_of(flags["teacher_finetune"])
+  small_pre = ss.export_of(flags["small_pretrain"])
   assert stages["teacher_finetune"].width_multiplier == 0.25
   assert {stages[k].width_multiplier for k in (
       "small_pretrain", "small_finetune", "small_supervised")} == {0.125}
