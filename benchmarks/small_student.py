@@ -102,6 +102,7 @@ import keras  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import simclr_tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_tf import atomic  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simclr_tf import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simclr_tf import cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simclr_tf import deploy  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -448,11 +449,6 @@ def paired(right_a: np.ndarray, right_b: np.ndarray) -> dict:
           "sign_test_p": sign_test_p(only_a, only_b)}
 
 
-def folder_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f))
-             for root, _, files in os.walk(path) for f in files)
-
-
 def savedmodel_figures(exports: list) -> dict:
   """{export: {ms_per_image, params, ...}}, measured in fresh processes.
 
@@ -533,7 +529,7 @@ def table_rows(exports: dict, tests: dict, right: dict, figures: dict,
       rows[key] = {"label": label, "export": exports[key],
                    "top1": tests[key]["top1"],
                    "top1_float32_paired": float(right[key].mean()),
-                   "bytes": folder_bytes(load_lib.resolve_export(
+                   "bytes": atomic.folder_bytes(load_lib.resolve_export(
                        exports[key])),
                    **figures[exports[key]]}
     if key != "distilled":

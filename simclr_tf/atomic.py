@@ -168,3 +168,9 @@ def remove_leftovers(target: str) -> None:
                          glob.escape(staging_prefix(target)) + "*")
   for path in glob.glob(pattern) + previous_versions(os.path.abspath(target)):
     shutil.rmtree(path, ignore_errors=True)
+
+
+def folder_bytes(folder: str) -> int:
+  """The size of every file under `folder` (0 if it does not exist)."""
+  return sum(os.path.getsize(os.path.join(d, f))
+             for d, _, files in os.walk(folder) for f in files)

@@ -290,11 +290,6 @@ def _num_bytes(variables) -> int:
              for v in variables)
 
 
-def _folder_bytes(folder: str) -> int:
-  return sum(os.path.getsize(os.path.join(d, f))
-             for d, _, files in os.walk(folder) for f in files)
-
-
 def check_free_space(cfg: Config, learner) -> None:
   """Fails now, not hours later, when model_dir cannot hold the outputs.
 
@@ -310,7 +305,7 @@ def check_free_space(cfg: Config, learner) -> None:
   """
   weights = _num_bytes(learner.net.variables)
   ckpt = weights + _num_bytes(learner.optimizer.variables)
-  written = _folder_bytes(checkpoint_dir(cfg.model_dir))
+  written = atomic.folder_bytes(checkpoint_dir(cfg.model_dir))
   need = (cfg.keep_checkpoint_max + 1) * ckpt + weights - written
   free = shutil.disk_usage(cfg.model_dir).free
   if free < need:

@@ -445,11 +445,6 @@ def _versions(export_format: str) -> dict:
   return versions
 
 
-def _folder_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f))
-             for root, _, files in os.walk(path) for f in files)
-
-
 # === Export ==================================================================
 
 def _check_output_dir(output_dir: str) -> None:
@@ -691,7 +686,7 @@ def _report(request: _Request, reference: dict, figures: dict, path: str,
       "quantize": request.quantize,
       "model_file": os.path.basename(path),
       "file_bytes": os.path.getsize(path),
-      "savedmodel_bytes": _folder_bytes(
+      "savedmodel_bytes": atomic.folder_bytes(
           load_lib.resolve_export(request.init_from)),
       "image_size": size,
       "input": {"name": INPUT_NAME, "dtype": "uint8",

@@ -53,6 +53,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from tf_hub_export import verify as verify_lib
 # The importer's architecture readers, re-exported.
 from tf_hub_export.official_arch import (  # noqa: F401
     HeadInput, infer_model_config, read_architecture)
@@ -117,7 +118,7 @@ def _get(reader, prefix: str, key: str, ours: str = "") -> np.ndarray:
     return reader.get_tensor(key)
   except _READ_ERRORS as e:
     reason = re.sub(r"^TensorBundle at .*? \(\d+ bytes\): ", "",
-                    _first_line(e, limit=10000))
+                    verify_lib.first_line(e, limit=10000))
     ours = f" (our {ours})" if ours else ""
     raise OfficialFormatError(
         f"{_data_files(prefix)} is truncated or damaged: tensor {key!r}"
@@ -129,12 +130,6 @@ def _data_files(prefix: str) -> str:
   """The checkpoint's data file(s), as named in messages."""
   found = sorted(glob.glob(glob.escape(prefix) + ".data-*"))
   return found[0] if len(found) == 1 else prefix + ".data-*"
-
-
-def _first_line(error: Exception, limit: int = 160) -> str:
-  text = str(error).strip().splitlines()
-  line = text[0] if text else type(error).__name__
-  return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 # === Finding the checkpoint ===================================================
@@ -220,8 +215,9 @@ def _open(prefix: str):
     return tf.train.load_checkpoint(prefix)
   except (tf.errors.OpError, ValueError) as e:
     raise OfficialFormatError(
-        f"cannot open checkpoint {prefix!r} ({_first_line(e)}); the .index "
-        "file is missing, truncated or not a TensorFlow checkpoint.") from e
+        f"cannot open checkpoint {prefix!r} ({verify_lib.first_line(e)}); "
+        "the .index file is missing, truncated or not a TensorFlow "
+        "checkpoint.") from e
 
 
 # === Reading one form =========================================================
@@ -329,13 +325,10 @@ def _parse_file(path: str, proto, what: str, fix: str):
   """`proto` parsed from the file at `path`; OfficialFormatError naming the
   file, `what` it should be and the `fix` if it is unreadable or damaged."""
   try:
-    with open(path, "rb") as f:
-      proto.ParseFromString(f.read())
-  except (DecodeError, OSError, ValueError, RuntimeError) as e:
+    return verify_lib.read_proto(path, proto)
+  except verify_lib.ProtoFileError as e:
     raise OfficialFormatError(
-        f"{path} is truncated or damaged (not {what}: {_first_line(e)}); "
-        f"{fix}.") from e
-  return proto
+        f"{path} is truncated or damaged (not {what}: {e}); {fix}.") from e
 
 
 def _parse_saved_model(export_dir: str):
@@ -360,9 +353,9 @@ def _saved_model_paths(saved, reader, prefix: str) -> dict:
     graph.ParseFromString(_get(reader, prefix, "_CHECKPOINTABLE_OBJECT_GRAPH"))
   except DecodeError as e:
     raise OfficialFormatError(
-        f"the object graph of {prefix} is damaged ({_first_line(e)}); "
-        "download or copy the whole SavedModel again (nothing was "
-        "written).") from e
+        f"the object graph of {prefix} is damaged "
+        f"({verify_lib.first_line(e)}); download or copy the whole SavedModel "
+        "again (nothing was written).") from e
   if not saved.meta_graphs:
     raise OfficialFormatError(
         f"{export_dir}/saved_model.pb holds no graph; download or copy the "

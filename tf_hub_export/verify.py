@@ -41,6 +41,35 @@ class VerifyError(ValueError):
   """What is wrong with an export's files (one line, without the fix)."""
 
 
+def first_line(error: BaseException, limit: int = 160) -> str:
+  """The first line of an error's message (its type if empty), shortened."""
+  text = str(error).strip().splitlines()
+  line = text[0] if text else type(error).__name__
+  return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+class ProtoFileError(ValueError):
+  """A protocol buffer file could not be read or parsed (one line)."""
+
+
+def read_proto(path: str, proto):
+  """`proto` parsed from the file at `path`.
+
+  Raises:
+    ProtoFileError: unreadable, truncated or damaged; the message is the
+      reason in one line (callers name the file and the fix).
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from google.protobuf.message import DecodeError
+  try:
+    with open(path, "rb") as f:
+      proto.ParseFromString(f.read())
+  except (DecodeError, OSError, RuntimeError, RuntimeWarning,
+          ValueError) as e:
+    raise ProtoFileError(first_line(e)) from e
+  return proto
+
+
 def _stamp(path: str) -> tuple:
   """Size and mtime of every file of the export: its identity for the cache."""
   stamp = []
@@ -55,17 +84,13 @@ def _stamp(path: str) -> tuple:
 
 def _graph_variables(path: str) -> tuple:
   """[(name, shape, dtype)] of `obj.variables`, read from saved_model.pb."""
-  # pylint: disable=g-import-not-at-top
-  from google.protobuf.message import DecodeError
+  # pylint: disable-next=g-import-not-at-top
   from tensorflow.core.protobuf import saved_model_pb2
   pb = os.path.join(path, "saved_model.pb")
-  proto = saved_model_pb2.SavedModel()
   try:
-    with open(pb, "rb") as f:
-      proto.ParseFromString(f.read())
-  except (DecodeError, RuntimeWarning, ValueError) as e:
-    raise VerifyError(f"{pb} is damaged (it does not parse: "
-                      f"{str(e).splitlines()[0][:80] or 'truncated'})") from e
+    proto = read_proto(pb, saved_model_pb2.SavedModel())
+  except ProtoFileError as e:
+    raise VerifyError(f"{pb} is damaged (it does not parse: {e})") from e
   if not proto.meta_graphs or not proto.meta_graphs[0].HasField(
       "object_graph_def"):
     raise VerifyError(f"{pb} is damaged (it holds no object graph)")
