@@ -2,10 +2,11 @@ r"""SimCLRv2's three stages from Python, on the bundled CIFAR-10 sample.
 
   python examples/three_stages.py [OUT_DIR]
 
-Uses only the public API of `simclr_tf`. The first part is the README's
-example, verbatim (the test suite checks that it is, then runs this file);
-the second trains from NumPy arrays. It ends by printing one JSON line with
-what the suite compares against the command line run with the same flags.
+Uses only the public API of `simclr_tf`. It is the README's example,
+verbatim (the test suite checks that it is, then runs this file), and ends
+by printing one JSON line with what the suite compares against the command
+line run with the same flags. Training from NumPy arrays or a
+`tf.data.Dataset` instead of a named dataset: docs/api.md.
 """
 
 import json
@@ -40,24 +41,9 @@ model = simclr_tf.load_export(student.export_path)
 features = simclr_tf.embed(pre.export_path, "cifar10_sample")  # [N, 128]
 # --- README example (end) ---
 
-# The same stages from in-memory images: NumPy arrays with labels.
-rng = np.random.default_rng(0)
-images = rng.integers(0, 256, size=(96, 32, 32, 3), dtype=np.uint8)
-labels = np.arange(96) % 4
-pre_np = simclr_tf.pretrain(images, labels, model_dir="runs/pretrain_numpy",
-                            width_multiplier=0.125, train_steps=3,
-                            train_batch_size=32, seed=0)
-ft_np = simclr_tf.finetune(images, labels, init_from=pre_np.export_path,
-                           model_dir="runs/finetune_numpy",
-                           eval_data=images[:32], eval_labels=labels[:32],
-                           train_steps=3, train_batch_size=32, seed=0)
-probabilities = simclr_tf.predict(ft_np.export_path, images[:8])
-
 print(json.dumps({
     "finetune_top1": ft.metrics["top1"],
     "finetune_export": os.path.abspath(ft.export_path),
-    "student_outputs": sorted(model(images[:1] / 255.0)),
+    "student_outputs": sorted(model(np.zeros([1, 32, 32, 3], np.float32))),
     "embed_shape": list(features.shape),
-    "numpy_finetune_top1": ft_np.metrics["top1"],
-    "numpy_predict_shape": list(probabilities.shape),
 }))

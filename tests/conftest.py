@@ -141,10 +141,12 @@ class FakeStrategy:
 WORKERS = {"worker": ["a:1", "b:2"]}
 
 
-# Flags of a run small enough for a test: ResNet-18 at 32 px, a few steps.
+# Flags of a run small enough for a test: ResNet-18 0.25x at 32 px, a few
+# steps.
 TINY_FLAGS = (
-    "--resnet_depth=18", "--image_size=32", "--train_batch_size=16",
-    "--eval_batch_size=64", "--train_steps=3", "--log_images=false",
+    "--resnet_depth=18", "--width_multiplier=0.25", "--image_size=32",
+    "--train_batch_size=16", "--eval_batch_size=64", "--train_steps=3",
+    "--log_images=false",
     "--proj_out_dim=32", "--cache_dataset=false",
     # Not `auto`: the same numerics on every machine the tests run on.
     "--precision=float32",

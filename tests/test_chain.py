@@ -19,8 +19,8 @@ from simclr_tf.data import pipeline
 
 pytestmark = pytest.mark.slow
 
-TINY = Config(resnet_depth=18, image_size=32, train_batch_size=8,
-              eval_batch_size=100, train_steps=2, log_images=False,
+TINY = Config(resnet_depth=18, width_multiplier=0.25, image_size=32,
+              train_batch_size=8, eval_batch_size=100, train_steps=2, log_images=False,
               proj_out_dim=32, cache_dataset=False, mode="train_then_eval",
               checkpoint_steps=2, precision="float32")
 

@@ -365,13 +365,16 @@ def test_multi_worker_trains_in_sync_and_resumes(tmp_path):
 
 # --- Every stage with --cpu_replicas=2 -----------------------------------------
 
-@pytest.mark.slow  # 3 training processes + a distill trace: ~2-3 min
-def test_pretrain_finetune_distill_on_two_cpu_replicas(tmp_path, monkeypatch):
+@pytest.mark.slow  # 2 training processes + a distill trace: ~1.5 min
+def test_finetune_then_distill_on_two_cpu_replicas(tmp_path, monkeypatch,
+                                                   small_classifier):
+  # Pretraining on two replicas runs in test_memory (with its queue), in the
+  # multi-worker test and in the step check above; here the two stages that
+  # start from an export: fine-tuning from one, distilling from its result.
   common = ["--cpu_replicas=2", "--mode=train", "--train_steps=2",
-            *_flags_without_steps()]
+            *_flags_without_steps(), "--proj_out_dim=16"]   # the export's
   stages = [
-      ("pretrain", []),
-      ("finetune", [f"--init_from={tmp_path / 'pretrain'}"]),
+      ("finetune", [f"--init_from={small_classifier}"]),
       ("distill", [f"--teacher={tmp_path / 'finetune'}"]),
   ]
   for stage, extra in stages:

@@ -128,7 +128,7 @@ def _damaged(classifier, tmp_path, damage):
 
 def _args(reader, export, model_dir):
   flags = [f.format(x=export) for f in READERS[reader]]
-  return [*TINY_FLAGS, "--proj_out_dim=16", "--width_multiplier=0.25",
+  return [*TINY_FLAGS, "--proj_out_dim=16",
           "--train_steps=1", *flags, f"--model_dir={model_dir}"]
 
 
@@ -338,7 +338,7 @@ def test_write_failures_exit_3_in_one_line(tmp_path):
 # --- Faults of trained runs (slow) ---------------------------------------------
 
 STAGE_FLAGS = [*TINY_FLAGS, "--train_steps=2", "--checkpoint_steps=1",
-               "--width_multiplier=0.25", "--proj_out_dim=16"]
+               "--proj_out_dim=16"]
 
 
 def _train(model_dir, *flags):

@@ -1099,8 +1099,9 @@ def _arch_flags(out):
 
 
 _TRAIN_FLAGS = [f for f in TINY_FLAGS
-                if not f.startswith(("--resnet_depth", "--image_size",
-                                     "--proj_out_dim", "--train_steps",
+                if not f.startswith(("--resnet_depth", "--width_multiplier",
+                                     "--image_size", "--proj_out_dim",
+                                     "--train_steps",
                                      "--train_batch_size"))]
 
 

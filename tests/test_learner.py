@@ -170,7 +170,7 @@ def test_short_pretraining_on_real_images_lowers_the_contrastive_loss():
     return ds if steps is None else ds.take(steps)
 
   keras.utils.set_random_seed(0)
-  config = ModelConfig(proj_out_dim=32)
+  config = ModelConfig(width_multiplier=0.5, proj_out_dim=32)
   net = simclr_lib.build_model(config, 32)
   task = tasks.Pretrain(temperature=0.5)
   held_out = next(iter(pairs(seed=123, batch=64)))
