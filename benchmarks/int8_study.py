@@ -53,13 +53,12 @@ import throughput  # pylint: disable=g-import-not-at-top
 _HEAD_OPS = ["FULLY_CONNECTED", "SOFTMAX"]
 
 
-def _converter(source, representative, supported_ops):
-  converter = tf.lite.TFLiteConverter.from_concrete_functions(
-      [source.function.get_concrete_function()], source.holder)
-  converter.optimizations = [tf.lite.Optimize.DEFAULT]
-  if representative is not None:
-    converter.representative_dataset = lambda: (
-        [image[None]] for image in representative)
+def _converter(source, representative, supported_ops=None):
+  """deploy's int8 converter (its dynamic-range one without images), with
+  other `supported_ops` if given."""
+  # pylint: disable-next=protected-access
+  converter = deploy._litert_converter(
+      source, "dynamic" if representative is None else "int8", representative)
   if supported_ops:
     converter.target_spec.supported_ops = supported_ops
   return converter
@@ -90,12 +89,10 @@ def _denylisted(source, representative, **options) -> bytes:
 def _variants(source, representative) -> dict:
   """{name: (tflite bytes, debugger or None)}."""
   ops = tf.lite.OpsSet
-  int8 = [ops.TFLITE_BUILTINS_INT8]
-  # pylint: disable-next=protected-access
-  full_int8 = deploy._convert_litert(source, "int8", representative)
-  out = {"dynamic": (_converter(source, None, None).convert(), None)}
+  full_int8 = _converter(source, representative).convert()
+  out = {"dynamic": (_converter(source, None).convert(), None)}
   debugger = tf.lite.experimental.QuantizationDebugger(
-      converter=_converter(source, representative, int8),
+      converter=_converter(source, representative),
       debug_dataset=lambda: ([image[None]] for image in representative[:100]))
   debugger.run()
   out["int8"] = (full_int8, debugger)

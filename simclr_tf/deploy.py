@@ -270,9 +270,9 @@ def _load_source(init_from: str, image_size: int,
   return _Source(holder, function, spec, tuple(outputs))
 
 
-def _convert_litert(source: _Source, quantize: str,
-                    representative: Optional[np.ndarray]) -> bytes:
-  """The TFLite flatbuffer of the serving function."""
+def _litert_converter(source: _Source, quantize: str,
+                      representative: Optional[np.ndarray]):
+  """The TFLite converter of the serving function, set for `quantize`."""
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
       [source.function.get_concrete_function()], source.holder)
   if quantize != "none":
@@ -284,7 +284,13 @@ def _convert_litert(source: _Source, quantize: str,
         [image[None]] for image in representative)
     converter.target_spec.supported_ops = [
         tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-  return converter.convert()
+  return converter
+
+
+def _convert_litert(source: _Source, quantize: str,
+                    representative: Optional[np.ndarray]) -> bytes:
+  """The TFLite flatbuffer of the serving function."""
+  return _litert_converter(source, quantize, representative).convert()
 
 
 def _convert_onnx(source: _Source) -> bytes:
