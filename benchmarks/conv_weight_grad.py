@@ -1,5 +1,6 @@
 r"""The convolutions of a recipe, one by one: forward, input gradient and
-weight gradient, TensorFlow's kernels against an im2col weight gradient.
+weight gradient, TensorFlow's kernels against three other ways to compute
+the weight gradient.
 
 A profile of the training step (profile_step.py) gives the weight gradient
 (`Conv2DBackpropFilter`) as one sum. This script finds every convolution of
@@ -13,9 +14,16 @@ on the same random tensors:
   im2col          the weight gradient as one matrix product of the
                   image patches (tf.image.extract_patches) with the output
                   gradient: [k*k*C_in, N*H*W] x [N*H*W, C_out]
+  taps            one matrix product per kernel tap (k*k of them), each of
+                  the shifted input's [C_in, N*H*W] with the output
+                  gradient: no k*k-times larger patch tensor
+  swapped         one forward convolution with batch and channels swapped:
+                  the padded input as [C_in, H, W, N] convolved with the
+                  output gradient as a [H_out, W_out, N, C_out] filter
+                  (stride 1 only; the kernel runs forward convolution code)
 
-and checks that the im2col gradient equals TensorFlow's (largest error
-relative to the largest value). Totals are weighted by each shape's count.
+and checks that each equals TensorFlow's gradient (largest error relative
+to the largest value). Totals are weighted by each shape's count.
 Run it with ONEDNN_VERBOSE=1 to see which oneDNN implementation each
 primitive runs (brgconv/AMX, jit:avx2, gemm, ref...).
 
@@ -97,6 +105,48 @@ def im2col_filter_grad(x, dy, kernel_shape, stride: int, padding: str):
   return tf.reshape(grad, kernel_shape)
 
 
+def _pad(x, k: int, stride: int, padding: str):
+  """x padded as the convolution pads it, so the rest is VALID."""
+  if padding == "VALID":
+    return x
+  size = int(x.shape[1])
+  out = -(-size // stride)
+  total = max((out - 1) * stride + k - size, 0)
+  before = total // 2
+  return tf.pad(x, [[0, 0], [before, total - before],
+                    [before, total - before], [0, 0]])
+
+
+def taps_filter_grad(x, dy, kernel_shape, stride: int, padding: str):
+  """dL/dW as k*k matrix products, one per kernel tap."""
+  k, _, c_in, c_out = kernel_shape
+  x = _pad(x, k, stride, padding)
+  rows, cols = int(dy.shape[1]), int(dy.shape[2])
+  dy = tf.reshape(dy, [-1, c_out])
+  grads = []
+  for i in range(k):
+    for j in range(k):
+      shifted = x[:, i:i + stride * (rows - 1) + 1:stride,
+                  j:j + stride * (cols - 1) + 1:stride, :]
+      grads.append(tf.matmul(tf.reshape(shifted, [-1, c_in]), dy,
+                             transpose_a=True))
+  return tf.reshape(tf.stack(grads), kernel_shape)
+
+
+def swapped_filter_grad(x, dy, kernel_shape, stride: int, padding: str):
+  """dL/dW as one forward convolution, batch and channels swapped."""
+  if stride != 1:
+    raise ValueError("swapped_filter_grad: stride 1 only")
+  x = tf.transpose(_pad(x, kernel_shape[0], 1, padding), [3, 1, 2, 0])
+  grad = tf.nn.conv2d(x, tf.transpose(dy, [1, 2, 0, 3]), 1, "VALID")
+  return tf.transpose(grad, [1, 2, 0, 3])          # [C_in,k,k,C_out] -> HWIO
+
+
+def _rel_err(got, want) -> float:
+  got = got.numpy().astype(np.float64)
+  return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
 def measure(shape: Shape, batch: int, dtype, repeats: int) -> dict:
   rng = np.random.default_rng(0)
   x = tf.constant(rng.standard_normal((batch,) + shape.hwc), dtype)
@@ -113,20 +163,23 @@ def measure(shape: Shape, batch: int, dtype, repeats: int) -> dict:
   filter_grad = tf.function(lambda: tf.raw_ops.Conv2DBackpropFilter(
       input=x, filter_sizes=w_shape, out_backprop=dy, strides=strides,
       padding=shape.padding))
-  im2col = tf.function(lambda: im2col_filter_grad(
-      x, dy, shape.kernel, shape.stride, shape.padding))
+  others = {"im2col": im2col_filter_grad, "taps": taps_filter_grad}
+  if shape.stride == 1:
+    others["swapped"] = swapped_filter_grad
   want = filter_grad().numpy().astype(np.float64)
-  got = im2col().numpy().astype(np.float64)
-  return {
+  row = {
       "input": list(shape.hwc), "kernel": list(shape.kernel),
       "stride": shape.stride, "padding": shape.padding,
       "forward_ms": _median_ms(forward, repeats),
       "input_grad_ms": _median_ms(input_grad, repeats),
       "weight_grad_ms": _median_ms(filter_grad, repeats),
-      "im2col_ms": _median_ms(im2col, repeats),
-      "im2col_max_rel_err": float(np.abs(got - want).max() /
-                                  max(np.abs(want).max(), 1e-30)),
   }
+  for name, grad_fn in others.items():
+    fn = tf.function(lambda grad_fn=grad_fn: grad_fn(
+        x, dy, shape.kernel, shape.stride, shape.padding))
+    row[f"{name}_max_rel_err"] = _rel_err(fn(), want)
+    row[f"{name}_ms"] = _median_ms(fn, repeats)
+  return row
 
 
 def main(argv=None):
@@ -143,19 +196,27 @@ def main(argv=None):
   dtype = tf.as_dtype(a.dtype)
   rows = []
   print(f"{'input':>14} {'kernel':>16} s  n {'fwd ms':>8} {'dx ms':>8} "
-        f"{'dw ms':>8} {'dw/fwd':>6} {'im2col':>8} {'rel err':>8}")
+        f"{'dw ms':>8} {'dw/fwd':>6} {'im2col':>8} {'taps':>8} "
+        f"{'swapped':>8} {'max err':>8}")
   for shape, count in shapes.items():
     r = dict(measure(shape, a.batch, dtype, a.repeats), count=count)
     rows.append(r)
+    err = max(v for k, v in r.items() if k.endswith("_max_rel_err"))
     print(f"{str(shape.hwc):>14} {str(shape.kernel):>16} {shape.stride} "
           f"{count:2d} {r['forward_ms']:8.1f} {r['input_grad_ms']:8.1f} "
           f"{r['weight_grad_ms']:8.1f} "
           f"{r['weight_grad_ms'] / r['forward_ms']:6.2f} "
-          f"{r['im2col_ms']:8.1f} {r['im2col_max_rel_err']:8.1e}",
+          f"{r['im2col_ms']:8.1f} {r['taps_ms']:8.1f} "
+          f"{r.get('swapped_ms', float('nan')):8.1f} {err:8.1e}",
           flush=True)
   totals = {k: sum(r[k] * r["count"] for r in rows)
             for k in ("forward_ms", "input_grad_ms", "weight_grad_ms",
-                      "im2col_ms")}
+                      "im2col_ms", "taps_ms")}
+  # The fastest of TensorFlow's kernel and the alternatives, shape by shape.
+  totals["best_weight_grad_ms"] = sum(
+      min(v for k, v in r.items() if k in (
+          "weight_grad_ms", "im2col_ms", "taps_ms", "swapped_ms")) *
+      r["count"] for r in rows)
   print("per step (weighted by count): " + ", ".join(
       f"{k} {v / 1e3:.2f} s" for k, v in totals.items()))
   if a.json:

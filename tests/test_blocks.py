@@ -79,6 +79,48 @@ def test_residual_block(case):
       "use_projection", False)
 
 
+def _gradients(kwargs, dtype, x, weights=None):
+  """The block and the gradients of its input and variables, in `dtype`."""
+  block = blocks.ResidualBlock(**kwargs, global_bn=False, dtype=dtype,
+                               name="block")
+  block.build(x.shape)
+  if weights is not None:
+    block.set_weights(weights)
+  x = tf.cast(x, dtype)
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = block(x, training=True)
+    r = tf.reshape(tf.linspace(-1.0, 1.0, int(np.prod(y.shape))), y.shape)
+    loss = tf.reduce_sum(y * tf.cast(r, dtype))
+  sources = {"input": x, **{v.path: v for v in block.trainable_variables}}
+  grads = tape.gradient(loss, list(sources.values()))
+  return block, {k: g.numpy().astype(np.float64)
+                 for k, g in zip(sources, grads)}
+
+
+@pytest.mark.parametrize("channels,size,bottleneck", [
+    (4, 8, False), (7, 32, False), (8, 32, False), (12, 8, False),
+    (4, 8, True)])
+def test_strided_projection_gradients_equal_float64(channels, size,
+                                                    bottleneck):
+  # oneDNN's float32 weight gradient of a strided 1x1 convolution is wrong
+  # below 8 input channels (TensorFlow 2.21, AVX2), which the block routes
+  # around (blocks.SUBSAMPLE_BELOW); float64 runs TensorFlow's own kernels.
+  # On both sides of that width, every gradient must agree with float64.
+  kwargs = dict(filters=4, strides=2, bottleneck=bottleneck,
+                use_projection=True)
+  x = tf.random.stateless_normal((2, size, size, channels), seed=(1, 2))
+  block, _ = _gradients(kwargs, "float64", x)
+  # Non-zero last batch-norm scale, so the residual branch has gradients.
+  weights = [w + 0.5 if w.ndim == 1 else w for w in block.get_weights()]
+  _, want = _gradients(kwargs, "float64", x, weights)
+  _, got = _gradients(kwargs, "float32", x, weights)
+  assert want.keys() == got.keys()
+  for path, g in want.items():
+    np.testing.assert_allclose(got[path], g, rtol=1e-4,
+                               atol=1e-4 * np.abs(g).max(), err_msg=path)
+
+
 def test_bn_layer_config_round_trip():
   # The base of the blocks: no call of its own, only the batch-norm
   # arguments its subclasses share.

@@ -19,6 +19,13 @@ BOTTLENECK_EXPANSION = 4
 # Smallest width of the selective-kernel attention (SKNet, Li et al. 2019,
 # "L" in Eq. 4; the official SimCLRv2 code uses 32).
 SK_MIN_DIM = 32
+# oneDNN's float32 weight gradient of a strided 1x1 convolution is wrong
+# when it has fewer than 8 input channels (TensorFlow 2.21 on AVX2 CPUs,
+# e.g. the projection shortcuts of a ResNet-18 at width_multiplier=0.0625):
+# such shortcuts subsample and convolve at stride 1, the same sums. Wider
+# ones keep the strided kernel, which is correct and 1.6x faster
+# (tests/test_blocks.py checks both against float64 gradients).
+SUBSAMPLE_BELOW = 8
 
 
 def _conv_initializer():
@@ -266,10 +273,11 @@ class ResidualBlock(BNLayer):
     self.shortcut_conv = None
     self.shortcut_bn = None
     if use_projection:
-      # ResNet-D moves the stride into an average pool before the 1x1 conv.
+      # ResNet-D moves the stride into an average pool before the 1x1 conv
+      # (and `_shortcut` subsamples inputs narrower than SUBSAMPLE_BELOW).
       self.shortcut_conv = make_conv(self.out_filters, 1,
-                                 1 if resnet_d else strides, "shortcut_conv",
-                                 dtype)
+                                     1 if resnet_d else strides,
+                                     "shortcut_conv", dtype)
       self.shortcut_bn = self._bn("shortcut_bn")
 
     self.use_sk = bottleneck and sk_ratio > 0
@@ -322,9 +330,14 @@ class ResidualBlock(BNLayer):
       else:
         # Official (stride-1 projection of block group 1): 2x2 SAME pool.
         x = ops.average_pool(x, 2, 1, padding="same")
-      x = self.shortcut_conv(x)
-    else:
-      x = apply_conv(self.shortcut_conv, x)
+    elif self.strides > 1 and num_channels(x.shape) < SUBSAMPLE_BELOW:
+      # The strided 1x1 convolution as the same convolution at stride 1 of
+      # every strides-th row and column (see SUBSAMPLE_BELOW).
+      x = x[:, ::self.strides, ::self.strides, :]
+      kernel = ops.cast(self.shortcut_conv.kernel, x.dtype)
+      return self.shortcut_bn(ops.conv(x, kernel, 1, "valid"),
+                              training=training)
+    x = apply_conv(self.shortcut_conv, x)
     return self.shortcut_bn(x, training=training)
 
   def call(self, inputs, training=False):

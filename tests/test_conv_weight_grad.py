@@ -1,0 +1,69 @@
+"""benchmarks/conv_weight_grad.py: its weight gradients equal TensorFlow's."""
+
+import dataclasses
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import conv_weight_grad  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+Shape = conv_weight_grad.Shape
+
+# The kinds of convolution the recipes have: 3x3 SAME stride 1, 3x3 VALID
+# stride 2 (after fixed_pad), 1x1 SAME stride 1 and 2, the 7x7 stem.
+SHAPES = [
+    Shape((8, 8, 3), (3, 3, 3, 5), 1, "SAME"),
+    Shape((9, 9, 4), (3, 3, 4, 6), 2, "VALID"),
+    Shape((8, 8, 4), (1, 1, 4, 6), 1, "SAME"),
+    Shape((8, 8, 4), (1, 1, 4, 6), 2, "SAME"),
+    Shape((14, 14, 3), (7, 7, 3, 4), 2, "VALID"),
+]
+
+
+def _tensors(shape, rng):
+  """x, the output gradient, and the weight gradient in float64 (TensorFlow's
+  own kernels: oneDNN's float32 one is wrong for strided 1x1 convolutions
+  with few input channels, such as two of the shapes here)."""
+  x = rng.standard_normal((3,) + shape.hwc)
+  w = tf.zeros(shape.kernel, tf.float64)
+  x64 = tf.constant(x, tf.float64)
+  with tf.GradientTape() as tape:
+    tape.watch(w)
+    y = tf.nn.conv2d(x64, w, shape.stride, shape.padding)
+    dy = rng.standard_normal(y.shape)
+    loss = tf.reduce_sum(y * dy)
+  return (tf.constant(x, tf.float32), tf.constant(dy, tf.float32),
+          tape.gradient(loss, w).numpy())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("grad_fn", [conv_weight_grad.im2col_filter_grad,
+                                     conv_weight_grad.taps_filter_grad,
+                                     conv_weight_grad.swapped_filter_grad],
+                         ids=lambda f: f.__name__)
+def test_equals_autodiff(shape, grad_fn):
+  x, dy, want = _tensors(shape, np.random.default_rng(0))
+  if grad_fn is conv_weight_grad.swapped_filter_grad and shape.stride != 1:
+    with pytest.raises(ValueError, match="stride 1 only"):
+      grad_fn(x, dy, shape.kernel, shape.stride, shape.padding)
+    return
+  got = grad_fn(x, dy, shape.kernel, shape.stride, shape.padding).numpy()
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
+
+
+def test_conv_shapes_of_the_cifar_recipe():
+  config, size = conv_weight_grad.RECIPES["r18-cifar"]
+  shapes = conv_weight_grad.conv_shapes(
+      dataclasses.replace(config, width_multiplier=0.25), size)
+  # ResNet-18: the stem, 16 block convolutions and a projection shortcut
+  # at the start of each of the 4 block groups, as officially.
+  assert sum(shapes.values()) == 21
+  assert {s.stride for s in shapes} == {1, 2}
