@@ -22,8 +22,8 @@ SK_MIN_DIM = 32
 # oneDNN's float32 weight gradient of a strided 1x1 convolution is wrong
 # when it has fewer than 8 input channels (TensorFlow 2.21 on AVX2 CPUs,
 # e.g. the projection shortcuts of a ResNet-18 at width_multiplier=0.0625):
-# such shortcuts subsample and convolve at stride 1, the same sums. Wider
-# ones keep the strided kernel, which is correct and 1.6x faster
+# there `apply_conv` subsamples and convolves at stride 1, the same sums.
+# Wider ones keep the strided kernel, which is correct and 1.6x faster
 # (tests/test_blocks.py checks both against float64 gradients).
 SUBSAMPLE_BELOW = 8
 
@@ -71,8 +71,17 @@ def fixed_pad(x, kernel_size: int):
 
 
 def apply_conv(conv: keras.layers.Conv2D, x):
-  """Runs `conv`, padding first (`fixed_pad`) when it is strided."""
-  if conv.strides[0] > 1:
+  """Runs `conv`, padding first (`fixed_pad`) when it is strided.
+
+  A strided 1x1 convolution of fewer than SUBSAMPLE_BELOW channels runs as
+  the same convolution at stride 1 of every strides-th row and column.
+  """
+  stride = conv.strides[0]
+  if (stride > 1 and conv.kernel_size[0] == 1 and
+      num_channels(x.shape) < SUBSAMPLE_BELOW):
+    x = x[:, ::stride, ::stride, :]
+    return ops.conv(x, ops.cast(conv.kernel, x.dtype), 1, "valid")
+  if stride > 1:
     x = fixed_pad(x, conv.kernel_size[0])
   return conv(x)
 
@@ -273,11 +282,10 @@ class ResidualBlock(BNLayer):
     self.shortcut_conv = None
     self.shortcut_bn = None
     if use_projection:
-      # ResNet-D moves the stride into an average pool before the 1x1 conv
-      # (and `_shortcut` subsamples inputs narrower than SUBSAMPLE_BELOW).
+      # ResNet-D moves the stride into an average pool before the 1x1 conv.
       self.shortcut_conv = make_conv(self.out_filters, 1,
-                                     1 if resnet_d else strides,
-                                     "shortcut_conv", dtype)
+                                 1 if resnet_d else strides, "shortcut_conv",
+                                 dtype)
       self.shortcut_bn = self._bn("shortcut_bn")
 
     self.use_sk = bottleneck and sk_ratio > 0
@@ -330,14 +338,9 @@ class ResidualBlock(BNLayer):
       else:
         # Official (stride-1 projection of block group 1): 2x2 SAME pool.
         x = ops.average_pool(x, 2, 1, padding="same")
-    elif self.strides > 1 and num_channels(x.shape) < SUBSAMPLE_BELOW:
-      # The strided 1x1 convolution as the same convolution at stride 1 of
-      # every strides-th row and column (see SUBSAMPLE_BELOW).
-      x = x[:, ::self.strides, ::self.strides, :]
-      kernel = ops.cast(self.shortcut_conv.kernel, x.dtype)
-      return self.shortcut_bn(ops.conv(x, kernel, 1, "valid"),
-                              training=training)
-    x = apply_conv(self.shortcut_conv, x)
+      x = self.shortcut_conv(x)
+    else:
+      x = apply_conv(self.shortcut_conv, x)
     return self.shortcut_bn(x, training=training)
 
   def call(self, inputs, training=False):
