@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Two test processes (pytest-xdist): most of a test's time is single-threaded
 # graph building, so two of them share 2 cores about twice as fast. The slow
-# and official tests keep each file in one process (module fixtures train).
+# and official tests keep each file in one process (module fixtures train);
+# the default suite sends the tests of one `xdist_group` (which share a
+# module fixture) to the same process.
 WORKERS ?= 2
 
 .PHONY: demo test test-all test-slow test-official bench clean
@@ -25,7 +27,7 @@ demo: $(STAMP)
 
 # The default suite (fast tests, no ../shared needed).
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(WORKERS) -m "not slow and not official" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup -m "not slow and not official" $(PYTEST_ARGS)
 
 # Training subprocesses, multi-worker, preemption and hub tests.
 test-slow: $(STAMP)

@@ -118,12 +118,25 @@ def test_load_model_restores_and_checks(exported):
     np.testing.assert_allclose(model(x)[key], net(x)[key], atol=1e-5)
 
 
-def test_narrow_network_round_trips(tmp_path):
-  """A fractional width (0.25x: 16-128 channels) survives export and load."""
+def test_narrow_network_round_trips(tmp_path, monkeypatch):
+  """A fractional width (0.25x: 16-128 channels) survives export and load;
+  the export traces the network once per mode."""
   config = ModelConfig(width_multiplier=0.25, proj_out_dim=16)
   net = simclr_lib.build_model(config, 32)
   path = str(tmp_path / "narrow")
+  calls = []
+  network_call = simclr_lib.SimCLR.call
+
+  def counted_call(self, inputs, training=None):
+    calls.append(training)
+    return network_call(self, inputs, training=training)
+
+  monkeypatch.setattr(simclr_lib.SimCLR, "call", counted_call)
   meta = export_lib.export_saved_model(net, path, 32)
+  monkeypatch.undo()
+  # Building the float32 copy (one eager call), then one trace per mode;
+  # endpoints and the save's own retracing reuse those traces.
+  assert sorted(calls) == [False, False, True], calls
   assert meta.model_config.width_multiplier == 0.25
   model, meta, report = load_lib.load_model(path)
   assert report.missing == ()

@@ -93,24 +93,30 @@ class _Reusable(tf.__internal__.tracking.AutoTrackable):
     self.trainable_variables = [v.value for v in model.trainable_variables]
     self.regularization_losses = []
 
-    def call(images, training=False):
-      return model(tf.convert_to_tensor(images, tf.float32),
-                   training=training)
-
     spec = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+    # The network is traced once per mode, here, into `forward` (which is not
+    # an attribute, so not saved as a function of its own). Every endpoint
+    # calls those two traces as they are. `tf.saved_model.save` traces the
+    # functions of the root again (inside a save, a trace made outside one
+    # does not match), so endpoints that called the network would trace it
+    # again each; these retrace only a call.
+    forward = tf.function(
+        lambda images, training: model(images, training=training))
+    traced = {training: forward.get_concrete_function(spec, training)
+              for training in (True, False)}
+
+    def call(images, training=False):
+      return traced[bool(training)](tf.convert_to_tensor(images, tf.float32))
+
     self.__call__ = tf.function(call)
     for training in (True, False):
       self.__call__.get_concrete_function(spec, training=training)
     # Endpoints for keras.layers.TFSMLayer(call_endpoint="serve",
     # call_training_endpoint="train") under Keras 3.
-    # They call the traces above (not the model again): exporting traces
-    # the network twice, not four times.
-    self.serve = tf.function(
-        lambda images: self.__call__(images, training=False),
-        input_signature=[spec])
-    self.train = tf.function(
-        lambda images: self.__call__(images, training=True),
-        input_signature=[spec])
+    self.serve = tf.function(lambda images: traced[False](images),
+                             input_signature=[spec])
+    self.train = tf.function(lambda images: traced[True](images),
+                             input_signature=[spec])
 
 
 def export_saved_model(model: SimCLR, export_dir: str, image_size: int,
