@@ -61,8 +61,25 @@ RECIPES = {
                             cifar_stem=False, global_bn=False), 224),
 }
 
-# (input shape without batch, filter shape, strides, padding) of one conv.
+# (input shape without batch, filter shape, strides, padding) of one conv;
+# padding is "SAME", "VALID" or explicit, (top, bottom, left, right).
 Shape = collections.namedtuple("Shape", "hwc kernel stride padding")
+
+
+def conv_padding(padding):
+  """`padding` as tf.nn.conv2d takes it."""
+  if isinstance(padding, str):
+    return padding
+  top, bottom, left, right = padding
+  return [[0, 0], [top, bottom], [left, right], [0, 0]]
+
+
+def _raw_padding(padding) -> dict:
+  """`padding` as the Conv2DBackprop* ops take it."""
+  if isinstance(padding, str):
+    return {"padding": padding}
+  return {"padding": "EXPLICIT",
+          "explicit_paddings": [0, 0, *padding, 0, 0]}
 
 
 def conv_shapes(config: ModelConfig, image_size: int) -> collections.Counter:
@@ -78,7 +95,7 @@ def conv_shapes(config: ModelConfig, image_size: int) -> collections.Counter:
     x, w = op.inputs[0].shape, op.inputs[1].shape
     padding = op.get_attr("padding").decode()
     if padding == "EXPLICIT":
-      raise NotImplementedError("explicit conv padding")
+      padding = tuple(op.get_attr("explicit_paddings")[2:6])
     found[Shape(tuple(x[1:]), tuple(w), op.get_attr("strides")[1],
                 padding)] += 1
   return found
@@ -94,9 +111,11 @@ def _median_ms(fn, repeats: int) -> float:
   return 1e3 * float(np.median(times))
 
 
-def im2col_filter_grad(x, dy, kernel_shape, stride: int, padding: str):
+def im2col_filter_grad(x, dy, kernel_shape, stride: int, padding):
   """dL/dW of conv2d(x, W) as one matrix product of the patches of x."""
   k, _, c_in, c_out = kernel_shape
+  if not isinstance(padding, str):
+    x, padding = _pad(x, k, stride, padding), "VALID"
   patches = tf.image.extract_patches(
       x, sizes=[1, k, k, 1], strides=[1, stride, stride, 1],
       rates=[1, 1, 1, 1], padding=padding)            # [N, Ho, Wo, k*k*Cin]
@@ -105,10 +124,12 @@ def im2col_filter_grad(x, dy, kernel_shape, stride: int, padding: str):
   return tf.reshape(grad, kernel_shape)
 
 
-def _pad(x, k: int, stride: int, padding: str):
+def _pad(x, k: int, stride: int, padding):
   """x padded as the convolution pads it, so the rest is VALID."""
   if padding == "VALID":
     return x
+  if not isinstance(padding, str):
+    return tf.pad(x, conv_padding(padding))
   size = int(x.shape[1])
   out = -(-size // stride)
   total = max((out - 1) * stride + k - size, 0)
@@ -117,7 +138,7 @@ def _pad(x, k: int, stride: int, padding: str):
                     [before, total - before], [0, 0]])
 
 
-def taps_filter_grad(x, dy, kernel_shape, stride: int, padding: str):
+def taps_filter_grad(x, dy, kernel_shape, stride: int, padding):
   """dL/dW as k*k matrix products, one per kernel tap."""
   k, _, c_in, c_out = kernel_shape
   x = _pad(x, k, stride, padding)
@@ -133,7 +154,7 @@ def taps_filter_grad(x, dy, kernel_shape, stride: int, padding: str):
   return tf.reshape(tf.stack(grads), kernel_shape)
 
 
-def swapped_filter_grad(x, dy, kernel_shape, stride: int, padding: str):
+def swapped_filter_grad(x, dy, kernel_shape, stride: int, padding):
   """dL/dW as one forward convolution, batch and channels swapped."""
   if stride != 1:
     raise ValueError("swapped_filter_grad: stride 1 only")
@@ -152,17 +173,18 @@ def measure(shape: Shape, batch: int, dtype, repeats: int) -> dict:
   x = tf.constant(rng.standard_normal((batch,) + shape.hwc), dtype)
   w = tf.constant(rng.standard_normal(shape.kernel) * 0.05, dtype)
   strides = [1, shape.stride, shape.stride, 1]
-  y = tf.nn.conv2d(x, w, strides, shape.padding)
+  padding = conv_padding(shape.padding)
+  y = tf.nn.conv2d(x, w, strides, padding)
   dy = tf.constant(rng.standard_normal(y.shape), dtype)
   x_shape = tf.constant(x.shape, tf.int32)
   w_shape = tf.constant(w.shape, tf.int32)
-  forward = tf.function(lambda: tf.nn.conv2d(x, w, strides, shape.padding))
+  forward = tf.function(lambda: tf.nn.conv2d(x, w, strides, padding))
   input_grad = tf.function(lambda: tf.raw_ops.Conv2DBackpropInput(
       input_sizes=x_shape, filter=w, out_backprop=dy, strides=strides,
-      padding=shape.padding))
+      **_raw_padding(shape.padding)))
   filter_grad = tf.function(lambda: tf.raw_ops.Conv2DBackpropFilter(
       input=x, filter_sizes=w_shape, out_backprop=dy, strides=strides,
-      padding=shape.padding))
+      **_raw_padding(shape.padding)))
   others = {"im2col": im2col_filter_grad, "taps": taps_filter_grad}
   if shape.stride == 1:
     others["swapped"] = swapped_filter_grad

@@ -15,14 +15,16 @@ import conv_weight_grad  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 Shape = conv_weight_grad.Shape
 
-# The kinds of convolution the recipes have: 3x3 SAME stride 1, 3x3 VALID
-# stride 2 (after fixed_pad), 1x1 SAME stride 1 and 2, the 7x7 stem.
+# The kinds of convolution the recipes have: 3x3 SAME stride 1, 3x3 stride
+# 2 with the official fixed padding (explicit), 1x1 SAME stride 1 and 2, the
+# 7x7 stem (explicit), and VALID (Keras backends other than TensorFlow).
 SHAPES = [
     Shape((8, 8, 3), (3, 3, 3, 5), 1, "SAME"),
+    Shape((8, 8, 4), (3, 3, 4, 6), 2, (1, 1, 1, 1)),
     Shape((9, 9, 4), (3, 3, 4, 6), 2, "VALID"),
     Shape((8, 8, 4), (1, 1, 4, 6), 1, "SAME"),
     Shape((8, 8, 4), (1, 1, 4, 6), 2, "SAME"),
-    Shape((14, 14, 3), (7, 7, 3, 4), 2, "VALID"),
+    Shape((14, 14, 3), (7, 7, 3, 4), 2, (3, 3, 3, 3)),
 ]
 
 
@@ -35,7 +37,8 @@ def _tensors(shape, rng):
   x64 = tf.constant(x, tf.float64)
   with tf.GradientTape() as tape:
     tape.watch(w)
-    y = tf.nn.conv2d(x64, w, shape.stride, shape.padding)
+    y = tf.nn.conv2d(x64, w, shape.stride,
+                     conv_weight_grad.conv_padding(shape.padding))
     dy = rng.standard_normal(y.shape)
     loss = tf.reduce_sum(y * dy)
   return (tf.constant(x, tf.float32), tf.constant(dy, tf.float32),
@@ -67,3 +70,6 @@ def test_conv_shapes_of_the_cifar_recipe():
   # at the start of each of the 4 block groups, as officially.
   assert sum(shapes.values()) == 21
   assert {s.stride for s in shapes} == {1, 2}
+  # Strided 3x3 convolutions pad inside the kernel, as officially (1, 1).
+  assert {s.padding for s in shapes if s.stride == 2 and s.kernel[0] == 3} == {
+      (1, 1, 1, 1)}

@@ -24,6 +24,10 @@ from simclr_tf.config import ModelConfig
 from simclr_tf.models.simclr import build_float32
 from tf_hub_export.export import export_saved_model
 
+# One process runs this file's tests, so that its module fixtures (which
+# export models) run once (`make test` distributes by xdist_group).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 CLASSES = CIFAR10_CLASSES
 
 

@@ -12,6 +12,10 @@ from conftest import ROOT, export_small_classifier
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import distill_checks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# One process runs this file's tests, so that its module fixtures (which
+# export models) run once (`make test` distributes by xdist_group).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 SAMPLE = os.path.join(ROOT, "simclr_tf", "data", "cifar10_sample", "test")
 CLASSES = ("airplane", "automobile", "bird")
 

@@ -15,6 +15,10 @@ from simclr_tf.models import simclr as simclr_lib
 from tf_hub_export import export as export_lib
 from tf_hub_export import load as load_lib
 
+# One process runs this file's tests, so that its module fixtures (which
+# export models) run once (`make test` distributes by xdist_group).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 CONFIG = ModelConfig(proj_layers_kept=1, num_classes=10, sup_head_input=1,
                      proj_out_dim=16)
 

@@ -18,6 +18,10 @@ from simclr_tf.config import Config, ConfigError, ModelConfig
 from simclr_tf.models import simclr as simclr_lib
 from tf_hub_export import export as export_lib
 
+# One process runs this file's tests, so that its module fixtures (which
+# export models) run once (`make test` distributes by xdist_group).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 # {name} is filled in by the test (see _placeholders).
 BAD_RUNS = [
     ({"dataset": "no_such_dataset"}, "--dataset='no_such_dataset' is unknown"),
