@@ -121,40 +121,6 @@ def test_strided_projection_gradients_equal_float64(channels, size,
                                atol=1e-4 * np.abs(g).max(), err_msg=path)
 
 
-def _conv_and_gradients(run, conv, x):
-  with tf.GradientTape() as tape:
-    tape.watch(x)
-    y = run(conv, x)
-    r = tf.reshape(tf.linspace(-1.0, 1.0, int(np.prod(y.shape))), y.shape)
-    loss = tf.reduce_sum(y * tf.cast(r, y.dtype))
-  dx, dw = tape.gradient(loss, [x, conv.kernel])
-  return [t.numpy().astype(np.float64) for t in (y, dx, dw)]
-
-
-@pytest.mark.parametrize("kernel,size", [(3, 8), (3, 9), (7, 16), (7, 15)])
-def test_strided_conv_pads_as_the_official_code(kernel, size):
-  # apply_conv pads inside the convolution; the official code convolves a
-  # padded copy (fixed_pad) without padding. Same outputs and gradients, in
-  # float64 (TensorFlow's own kernels) and float32 (oneDNN on x86).
-  x = tf.random.stateless_normal((2, size, size, 3), seed=(3, 4),
-                                 dtype=tf.float64)
-  convs = {}
-  for dtype in ("float64", "float32"):
-    convs[dtype] = blocks.make_conv(5, kernel, 2, "conv", dtype)
-    convs[dtype].build((None, None, None, 3))
-  convs["float32"].set_weights(convs["float64"].get_weights())
-  official = _conv_and_gradients(
-      lambda c, x: c(blocks.fixed_pad(x, kernel)), convs["float64"], x)
-  for dtype, conv in convs.items():
-    ours = _conv_and_gradients(blocks.apply_conv, conv, tf.cast(x, dtype))
-    assert ours[0].shape == (2, (size + 1) // 2, (size + 1) // 2, 5)
-    for name, got, want in zip(("output", "input grad", "kernel grad"),
-                               ours, official):
-      np.testing.assert_allclose(got, want, rtol=1e-5,
-                                 atol=1e-5 * np.abs(want).max(),
-                                 err_msg=f"{dtype} {name}")
-
-
 def test_bn_layer_config_round_trip():
   # The base of the blocks: no call of its own, only the batch-norm
   # arguments its subclasses share.

@@ -11,7 +11,6 @@ from typing import Any
 
 import keras
 from keras import ops
-import tensorflow as tf
 
 from simclr_tf.models.batch_norm import BatchNormalization
 
@@ -63,38 +62,27 @@ def _batch_norm(name: str, decay: float, epsilon: float, synchronized: bool,
       dtype=dtype)
 
 
-def _fixed_padding(kernel_size: int) -> list:
-  """[[0, 0], [before, after] x 2, [0, 0]]: (k - 1) // 2 before, the rest
-  after, for any size (the official code's fixed padding)."""
+def fixed_pad(x, kernel_size: int):
+  """Pads H and W by (k - 1) // 2 before and the rest after, for any size."""
   total = kernel_size - 1
   before = total // 2
-  return [[0, 0], [before, total - before], [before, total - before], [0, 0]]
-
-
-def fixed_pad(x, kernel_size: int):
-  """Pads H and W as `_fixed_padding` says (a padded copy of `x`)."""
-  return ops.pad(x, _fixed_padding(kernel_size))
+  after = total - before
+  return ops.pad(x, [[0, 0], [before, after], [before, after], [0, 0]])
 
 
 def apply_conv(conv: keras.layers.Conv2D, x):
-  """Runs `conv`, with the official fixed padding when it is strided.
+  """Runs `conv`, padding first (`fixed_pad`) when it is strided.
 
-  On TensorFlow the padding is the convolution's own (explicit padding): a
-  `fixed_pad`ded copy of the input would be kept for the backward pass
-  beside the input itself, and cost a pad and a slice. A strided 1x1
-  convolution of fewer than SUBSAMPLE_BELOW channels runs as the same
-  convolution at stride 1 of every strides-th row and column.
+  A strided 1x1 convolution of fewer than SUBSAMPLE_BELOW channels runs as
+  the same convolution at stride 1 of every strides-th row and column.
   """
-  stride, size = conv.strides[0], conv.kernel_size[0]
-  if stride > 1 and size == 1 and num_channels(x.shape) < SUBSAMPLE_BELOW:
+  stride = conv.strides[0]
+  if (stride > 1 and conv.kernel_size[0] == 1 and
+      num_channels(x.shape) < SUBSAMPLE_BELOW):
     x = x[:, ::stride, ::stride, :]
     return ops.conv(x, ops.cast(conv.kernel, x.dtype), 1, "valid")
-  if stride > 1 and size > 1:
-    if keras.backend.backend() == "tensorflow":
-      x = ops.cast(x, conv.compute_dtype)
-      return tf.nn.conv2d(x, ops.cast(conv.kernel, x.dtype), stride,
-                          padding=_fixed_padding(size))
-    x = fixed_pad(x, size)
+  if stride > 1:
+    x = fixed_pad(x, conv.kernel_size[0])
   return conv(x)
 
 
