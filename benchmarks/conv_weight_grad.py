@@ -9,7 +9,8 @@ is the one the step runs, with how often it occurs), then times, per shape,
 on the same random tensors:
 
   forward         tf.nn.conv2d
-  input grad      tf.raw_ops.Conv2DBackpropInput
+  input grad      tf.raw_ops.Conv2DBackpropInput (for explicit padding,
+                  the padded copy's, sliced, as the model computes it)
   weight grad     tf.raw_ops.Conv2DBackpropFilter (what autodiff calls)
   im2col          the weight gradient as one matrix product of the
                   image patches (tf.image.extract_patches) with the output
@@ -179,9 +180,22 @@ def measure(shape: Shape, batch: int, dtype, repeats: int) -> dict:
   x_shape = tf.constant(x.shape, tf.int32)
   w_shape = tf.constant(w.shape, tf.int32)
   forward = tf.function(lambda: tf.nn.conv2d(x, w, strides, padding))
-  input_grad = tf.function(lambda: tf.raw_ops.Conv2DBackpropInput(
-      input_sizes=x_shape, filter=w, out_backprop=dy, strides=strides,
-      **_raw_padding(shape.padding)))
+  if isinstance(shape.padding, str):
+    input_grad = tf.function(lambda: tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=x_shape, filter=w, out_backprop=dy, strides=strides,
+        **_raw_padding(shape.padding)))
+  else:
+    # As the model runs it (simclr_tf.models.strided_conv): the input
+    # gradient of the padded copy, sliced; oneDNN's explicit-padding input
+    # gradient is several times slower.
+    top, bottom, left, right = shape.padding
+    h, w_in = shape.hwc[:2]
+    padded = tf.constant(
+        [batch, h + top + bottom, w_in + left + right, shape.hwc[2]],
+        tf.int32)
+    input_grad = tf.function(lambda: tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=padded, filter=w, out_backprop=dy, strides=strides,
+        padding="VALID")[:, top:top + h, left:left + w_in, :])
   filter_grad = tf.function(lambda: tf.raw_ops.Conv2DBackpropFilter(
       input=x, filter_sizes=w_shape, out_backprop=dy, strides=strides,
       **_raw_padding(shape.padding)))
@@ -196,6 +210,11 @@ def measure(shape: Shape, batch: int, dtype, repeats: int) -> dict:
       "input_grad_ms": _median_ms(input_grad, repeats),
       "weight_grad_ms": _median_ms(filter_grad, repeats),
   }
+  if not isinstance(shape.padding, str):
+    row["input_grad_max_rel_err"] = _rel_err(
+        input_grad(), tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=x_shape, filter=w, out_backprop=dy, strides=strides,
+            **_raw_padding(shape.padding)).numpy().astype(np.float64))
   for name, grad_fn in others.items():
     fn = tf.function(lambda grad_fn=grad_fn: grad_fn(
         x, dy, shape.kernel, shape.stride, shape.padding))

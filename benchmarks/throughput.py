@@ -37,6 +37,8 @@ Configurations (`--configs`, comma separated; `--list` shows the presets):
                           --with_torch PYTHON; always 2 x BATCH images.
 
   Knobs: @bn=keras (Keras' unfused batch norm instead of ours),
+  @pad=copy (strided convolutions convolve a padded copy of their input,
+  as the official code does, instead of simclr_tf.models.strided_conv),
   @intra=N / @inter=N (TensorFlow thread pools), @onednn=0|1
   (TF_ENABLE_ONEDNN_OPTS; default: simclr_tf.cpu's choice for this CPU),
   @isa=ISA (ONEDNN_MAX_CPU_ISA, e.g. AVX2: oneDNN's kernels as on a CPU
@@ -101,8 +103,10 @@ TORCH_DEFAULT = "torch-eager-fp32-b256,torch-compile-bf16-b256"
 TASKS = ("pretrain", "finetune", "distill")
 TIERS = ("bare", "step", "full")
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
-KNOBS = ("bn", "intra", "inter", "onednn", "isa", "spe", "xla_flags",
+KNOBS = ("bn", "pad", "intra", "inter", "onednn", "isa", "spe", "xla_flags",
          "env", "depth", "size")
+# Knobs that switch one thing away from the default, and their one value.
+SWITCHES = {"bn": "keras", "pad": "copy"}
 # Input pipelines: batches drained before each timed pass, and timed batches
 # per step of the other configurations.
 PIPELINE_DRAIN = 16
@@ -129,6 +133,9 @@ def parse_config(name: str) -> dict:
     if key not in KNOBS or not value:
       raise ValueError(f"Unknown knob {part!r} in {name!r}; use one of "
                        f"{', '.join(KNOBS)} as KNOB=VALUE.")
+    if key in SWITCHES and value != SWITCHES[key]:
+      raise ValueError(f"Knob {part!r} in {name!r} takes one value: "
+                       f"@{key}={SWITCHES[key]}.")
     knobs[key] = value
   tokens = base.split("-")
   if not tokens[-1].startswith("b") or not tokens[-1][1:].isdigit():
@@ -313,6 +320,9 @@ def _setup_tensorflow(knobs: dict):
   if knobs.get("bn") == "keras":
     from simclr_tf.models import batch_norm  # pylint: disable=g-import-not-at-top
     batch_norm.BatchNormalization.fused = False
+  if knobs.get("pad") == "copy":
+    from simclr_tf.models import blocks  # pylint: disable=g-import-not-at-top
+    blocks.PAD_INSIDE = False
   return tf
 
 

@@ -71,3 +71,15 @@ def test_conv_shapes_of_the_cifar_recipe():
   # at the start of each of the 4 block groups, as officially.
   assert sum(shapes.values()) == 21
   assert {s.stride for s in shapes} == {1, 2}
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES
+                                   if not isinstance(s.padding, str)],
+                         ids=str)
+def test_measure_times_the_input_gradient_the_model_runs(shape):
+  # For explicit padding it times the padded copy's input gradient, sliced
+  # (what simclr_tf.models.strided_conv runs), and checks it against
+  # TensorFlow's explicit-padding one.
+  row = conv_weight_grad.measure(shape, 2, tf.float32, repeats=1)
+  assert row["input_grad_max_rel_err"] < 1e-5
+  assert row["input_grad_ms"] > 0

@@ -13,6 +13,7 @@ import keras
 from keras import ops
 
 from simclr_tf.models.batch_norm import BatchNormalization
+from simclr_tf.models.strided_conv import conv_fixed_padding, fixed_padding
 
 # A bottleneck block outputs 4x its base width (He et al. 2016, Fig. 5).
 BOTTLENECK_EXPANSION = 4
@@ -26,6 +27,10 @@ SK_MIN_DIM = 32
 # Wider ones keep the strided kernel, which is correct and 1.6x faster
 # (tests/test_blocks.py checks both against float64 gradients).
 SUBSAMPLE_BELOW = 8
+# `apply_conv` runs strided convolutions as `conv_fixed_padding`; False
+# makes it convolve a `fixed_pad`ded copy (the official code) in whatever is
+# traced afterwards, for comparisons and benchmarks.
+PAD_INSIDE = True
 
 
 def _conv_initializer():
@@ -64,25 +69,29 @@ def _batch_norm(name: str, decay: float, epsilon: float, synchronized: bool,
 
 def fixed_pad(x, kernel_size: int):
   """Pads H and W by (k - 1) // 2 before and the rest after, for any size."""
-  total = kernel_size - 1
-  before = total // 2
-  after = total - before
+  before, after = fixed_padding(kernel_size)
   return ops.pad(x, [[0, 0], [before, after], [before, after], [0, 0]])
 
 
 def apply_conv(conv: keras.layers.Conv2D, x):
-  """Runs `conv`, padding first (`fixed_pad`) when it is strided.
+  """Runs `conv`, with the official fixed padding when it is strided.
 
-  A strided 1x1 convolution of fewer than SUBSAMPLE_BELOW channels runs as
-  the same convolution at stride 1 of every strides-th row and column.
+  On TensorFlow a strided convolution larger than 1x1 runs as
+  `strided_conv.conv_fixed_padding`: the sums of `conv(fixed_pad(x))`
+  without a padded copy kept for the backward pass. A strided 1x1
+  convolution of fewer than SUBSAMPLE_BELOW channels runs as the same
+  convolution at stride 1 of every strides-th row and column.
   """
-  stride = conv.strides[0]
-  if (stride > 1 and conv.kernel_size[0] == 1 and
-      num_channels(x.shape) < SUBSAMPLE_BELOW):
+  stride, size = conv.strides[0], conv.kernel_size[0]
+  if stride > 1 and size == 1 and num_channels(x.shape) < SUBSAMPLE_BELOW:
     x = x[:, ::stride, ::stride, :]
     return ops.conv(x, ops.cast(conv.kernel, x.dtype), 1, "valid")
+  if (stride > 1 and size > 1 and PAD_INSIDE and
+      keras.backend.backend() == "tensorflow"):
+    x = ops.cast(x, conv.compute_dtype)
+    return conv_fixed_padding(x, ops.cast(conv.kernel, x.dtype), stride)
   if stride > 1:
-    x = fixed_pad(x, conv.kernel_size[0])
+    x = fixed_pad(x, size)
   return conv(x)
 
 

@@ -1,0 +1,66 @@
+"""A strided convolution with the official fixed padding, without a copy.
+
+The official SimCLR ResNets pad the input of every strided convolution
+((k - 1) // 2 rows and columns before, the rest after) and convolve the
+padded copy without padding. Under autodiff that copy is kept for the
+backward pass beside the input itself (about 0.3 GiB at the CIFAR
+ResNet-18's pretraining batch). Padding inside the convolution (explicit
+padding) keeps no copy, but oneDNN's input gradient with explicit padding
+is 1.5-6x slower than without (docs/performance.md, "Memory: the padded
+copies"), while its forward pass and weight gradient are as fast or faster.
+
+`conv_fixed_padding` takes the fast kernel for each of the three products:
+the forward pass and the weight gradient pad inside the convolution, and
+the input gradient is that of the padded copy (no padding, on the padded
+shape), sliced back to the input's shape. Outputs and gradients are those
+of `conv(fixed_pad(x))` (the same sums; tests/test_strided_conv.py checks
+them against float64), and only `x` is kept for the backward pass.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def fixed_padding(kernel_size: int) -> tuple[int, int]:
+  """(before, after): the official padding of H and W for a kernel size."""
+  total = kernel_size - 1
+  return total // 2, total - total // 2
+
+
+def conv_fixed_padding(x, kernel, stride: int):
+  """Convolves `x` at `stride` as the official code does after `fixed_pad`.
+
+  Args:
+    x: [N, H, W, C_in] float tensor.
+    kernel: [k, k, C_in, C_out] tensor of x's dtype (square kernel).
+    stride: the convolution's stride in H and W.
+  Returns:
+    [N, ceil(H / stride), ceil(W / stride), C_out] in x's dtype (for odd
+    k; in general what a VALID convolution of the padded input gives).
+  """
+  kernel_size = int(kernel.shape[0])
+  before, after = fixed_padding(kernel_size)
+  strides = [1, stride, stride, 1]
+  explicit = [0, 0, before, after, before, after, 0, 0]
+
+  @tf.custom_gradient
+  def conv(x, kernel):
+    y = tf.raw_ops.Conv2D(input=x, filter=kernel, strides=strides,
+                          padding="EXPLICIT", explicit_paddings=explicit)
+
+    def grad(dy):
+      shape = tf.shape(x)
+      padded = shape + tf.constant([0, before + after, before + after, 0])
+      dx = tf.raw_ops.Conv2DBackpropInput(
+          input_sizes=padded, filter=kernel, out_backprop=dy,
+          strides=strides, padding="VALID")
+      dx = dx[:, before:before + shape[1], before:before + shape[2], :]
+      dkernel = tf.raw_ops.Conv2DBackpropFilter(
+          input=x, filter_sizes=tf.shape(kernel), out_backprop=dy,
+          strides=strides, padding="EXPLICIT", explicit_paddings=explicit)
+      return dx, dkernel
+
+    return y, grad
+
+  return conv(x, kernel)
