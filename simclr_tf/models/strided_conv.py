@@ -10,9 +10,11 @@ is 1.5-6x slower than without (docs/performance.md, "Memory: the padded
 copies"), while its forward pass and weight gradient are as fast or faster.
 
 `conv_fixed_padding` takes the fast kernel for each of the three products:
-the forward pass and the weight gradient pad inside the convolution, and
-the input gradient is that of the padded copy (no padding, on the padded
-shape), sliced back to the input's shape. Outputs and gradients are those
+the forward pass and the weight gradient pad inside the convolution (the
+weight gradient then runs TensorFlow's own kernel, not oneDNN's, and is as
+fast or faster at the recipes' shapes), and the input gradient is that of
+the padded copy (no padding, on the padded shape), sliced back to the
+input's shape. Outputs and gradients are those
 of `conv(fixed_pad(x))` (the same sums; tests/test_strided_conv.py checks
 them against float64), and only `x` is kept for the backward pass.
 """
