@@ -54,6 +54,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simclr_tf.models.config import ModelConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
 from simclr_tf.models.simclr import build_float32  # pylint: disable=g-import-not-at-top,wrong-import-position
+from simclr_tf.models import strided_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RECIPES = {
     "r18-cifar": (ModelConfig(resnet_depth=18, width_multiplier=1.0,
@@ -188,14 +189,8 @@ def measure(shape: Shape, batch: int, dtype, repeats: int) -> dict:
     # As the model runs it (simclr_tf.models.strided_conv): the input
     # gradient of the padded copy, sliced; oneDNN's explicit-padding input
     # gradient is several times slower.
-    top, bottom, left, right = shape.padding
-    h, w_in = shape.hwc[:2]
-    padded = tf.constant(
-        [batch, h + top + bottom, w_in + left + right, shape.hwc[2]],
-        tf.int32)
-    input_grad = tf.function(lambda: tf.raw_ops.Conv2DBackpropInput(
-        input_sizes=padded, filter=w, out_backprop=dy, strides=strides,
-        padding="VALID")[:, top:top + h, left:left + w_in, :])
+    input_grad = tf.function(lambda: strided_conv.padded_input_grad(
+        dy, w, x_shape, shape.stride, shape.padding))
   filter_grad = tf.function(lambda: tf.raw_ops.Conv2DBackpropFilter(
       input=x, filter_sizes=w_shape, out_backprop=dy, strides=strides,
       **_raw_padding(shape.padding)))
