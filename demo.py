@@ -10,8 +10,8 @@ Stages, each a call of the Python API (`simclr_tf.pretrain`, `finetune`,
   3. distill       self-distillation on all training images (no labels);
   4. supervised    baseline: the same network from scratch on the same 10%.
 Then the distilled student is exported for deployment (`simclr_tf.deploy`):
-one LiteRT int8 file, calibrated on 300 training images and checked against
-its SavedModel on the test split (needs the deploy extra).
+one LiteRT file with dynamic-range quantization (int8 weights), checked
+against its SavedModel on the test split (needs the deploy extra).
 It ends with a table (stage, top-1, top-5, time, export; the deployed
 student with its size and latency) and the TensorBoard command to look at
 the runs.
@@ -125,8 +125,9 @@ def run_stage(name: str, fn, kwargs: dict) -> dict:
 
 
 def deploy_student(a, student: str) -> dict | None:
-  """The distilled student exported to LiteRT int8 (simclr_tf.deploy) and
-  checked on the test split: its table row, or None without the extra."""
+  """The distilled student exported to LiteRT with dynamic-range
+  quantization (simclr_tf.deploy) and checked on the test split: its table
+  row, or None without the extra."""
   from simclr_tf import deploy  # pylint: disable=g-import-not-at-top
   missing = deploy.missing_packages("litert")
   if missing:
@@ -136,24 +137,24 @@ def deploy_student(a, student: str) -> dict | None:
     return None
   folder = a.data_dir if a.dataset == "image_folder" else ""
   data_dir = folder or a.data_dir
-  out = os.path.join(a.out, "student_litert_int8")
+  out = os.path.join(a.out, "student_litert_dynamic")
   print(f"\n=== deploy: simclr_tf.deploy.export({_shown(student)!r}, "
-        f"{_shown(out)!r}, export_format='litert', quantize='int8')",
+        f"{_shown(out)!r}, export_format='litert', quantize='dynamic')",
         flush=True)
   start = time.time()
-  train, _ = deploy.read_split(a.dataset, data_dir, "train", 32, count=300)
   test, labels = deploy.read_split(a.dataset, data_dir, "test", 32)
   shutil.rmtree(out, ignore_errors=True)   # the demo's own, replaced
   row = {"export": out, "seconds": 0.0}
   try:
     # The demo's student is weak (about 20% top-1 after minutes of
-    # training): its probabilities are nearly tied on many test images, and
-    # int8 flips 2-3% of those ties. 0.95 keeps it; a real model is held to
-    # the default 0.98.
+    # training): its two most probable classes are nearly tied on many test
+    # images. Dynamic-range quantization flipped 1-1.5% of those ties on
+    # the 200 test images, full int8 2.5-7.5% (docs/deploy.md, "In make
+    # demo"), so the demo deploys dynamic-range and holds it to 0.95; a
+    # real model is held to the default 0.98.
     report = deploy.export(student, out, export_format="litert",
-                           quantize="int8", representative_images=train,
-                           eval_images=test, eval_labels=labels,
-                           min_agreement=0.95)
+                           quantize="dynamic", eval_images=test,
+                           eval_labels=labels, min_agreement=0.95)
   except deploy.DeployError as e:
     print(f"deploy: {e}")
     return dict(row, note="not kept (see above)",
@@ -176,13 +177,13 @@ def _shown(path: str) -> str:
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-  lines = [f"{'stage':<12}{'top-1':>8}{'top-5':>8}{'time':>9}  export",
+  lines = [f"{'stage':<15}{'top-1':>8}{'top-5':>8}{'time':>9}  export",
            "-" * 78]
   for name, r in rows:
     top1 = f"{100 * r['top1']:.1f}" if "top1" in r else "-"
     top5 = f"{100 * r['top5']:.1f}" if "top5" in r else "-"
     note = f" ({r['note']})" if r.get("note") else ""
-    lines.append(f"{name:<12}{top1:>8}{top5:>8}{r['seconds']:>8.0f}s  "
+    lines.append(f"{name:<15}{top1:>8}{top5:>8}{r['seconds']:>8.0f}s  "
                  f"{_shown(r.get('export', '-'))}{note}")
   return "\n".join(lines)
 
@@ -197,7 +198,7 @@ def main(argv=None):
     if name == "distill":
       deployed = deploy_student(a, rows[-1][1]["export"])
       if deployed:
-        rows.append(("litert int8", deployed))
+        rows.append(("litert dynamic", deployed))
   print(f"\nSimCLRv2 demo on {a.data_dir if a.dataset == 'image_folder' else a.dataset} "
         f"({100 * a.label_fraction:g}% labels), ResNet-18 "
         f"{a.width_multiplier:g}x, precision={a.precision}, "
