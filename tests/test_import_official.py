@@ -959,6 +959,9 @@ def _small_tmpfs(folder, size):
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+# Slow: a whole import into a real, small file system (about 12 s); the
+# same refusal on an injected "No space left" is in the default suite above.
+@pytest.mark.slow
 def test_full_disk_exits_3_and_leaves_nothing(tmp_path, synthetic):
   src = _copy(synthetic, "tf1", tmp_path / "src_parent")
   with _small_tmpfs(tmp_path / "disk", "256k") as disk:

@@ -107,6 +107,9 @@ def test_predict_needs_a_supervised_head(images, tmp_path):
     inference.run("predict", out, images, "test", str(tmp_path / "o"))
 
 
+# Slow: two run.py processes (about 16 s); inference.run, which they call,
+# is tested in-process above.
+@pytest.mark.slow
 def test_command_line_predict_and_a_foreign_export(export_dir, images,
                                                    tmp_path):
   ok = run_cli("--mode=predict", f"--init_from={export_dir}",
