@@ -79,7 +79,7 @@ def _source(tensor):
       return tensor
 
 
-def forward_ops(graph, loss) -> set:
+def forward_ops(loss) -> set:
   """Names of the ops `loss` depends on (the forward pass)."""
   names, todo = set(), [loss.op]
   while todo:
@@ -103,7 +103,7 @@ def kept_tensors(graph, loss) -> list:
     [Kept], one per tensor (tensors passed on unchanged resolved to their
     source), largest first.
   """
-  forward = forward_ops(graph, loss)
+  forward = forward_ops(loss)
   readers = collections.defaultdict(set)
   sources = {}
   for op in graph.get_operations():

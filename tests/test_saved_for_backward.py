@@ -55,7 +55,7 @@ def test_a_pad_that_pads_is_a_tensor_of_its_own():
 
 def test_the_update_is_not_forward():
   graph, loss = _step_graph([[0, 0], [0, 0]])
-  forward = sfb.forward_ops(graph, loss)
+  forward = sfb.forward_ops(loss)
   types = {op.type for op in graph.get_operations() if op.name in forward}
   assert "MatMul" in types and "Relu" in types
   assert not types & {"ReluGrad", "AssignSubVariableOp"}
