@@ -39,6 +39,8 @@ Configurations (`--configs`, comma separated; `--list` shows the presets):
   Knobs: @bn=keras (Keras' unfused batch norm instead of ours),
   @pad=copy (strided convolutions convolve a padded copy of their input,
   as the official code does, instead of simclr_tf.models.strided_conv),
+  @relu=keep (the backward pass keeps the ReLU outputs inside the blocks
+  instead of recomputing them, simclr_tf.models.bn_relu_conv),
   @intra=N / @inter=N (TensorFlow thread pools), @onednn=0|1
   (TF_ENABLE_ONEDNN_OPTS; default: simclr_tf.cpu's choice for this CPU),
   @isa=ISA (ONEDNN_MAX_CPU_ISA, e.g. AVX2: oneDNN's kernels as on a CPU
@@ -103,10 +105,10 @@ TORCH_DEFAULT = "torch-eager-fp32-b256,torch-compile-bf16-b256"
 TASKS = ("pretrain", "finetune", "distill")
 TIERS = ("bare", "step", "full")
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
-KNOBS = ("bn", "pad", "intra", "inter", "onednn", "isa", "spe", "xla_flags",
-         "env", "depth", "size")
+KNOBS = ("bn", "pad", "relu", "intra", "inter", "onednn", "isa", "spe",
+         "xla_flags", "env", "depth", "size")
 # Knobs that switch one thing away from the default, and their one value.
-SWITCHES = {"bn": "keras", "pad": "copy"}
+SWITCHES = {"bn": "keras", "pad": "copy", "relu": "keep"}
 # Input pipelines: batches drained before each timed pass, and timed batches
 # per step of the other configurations.
 PIPELINE_DRAIN = 16
@@ -320,6 +322,9 @@ def _setup_tensorflow(knobs: dict):
   if knobs.get("bn") == "keras":
     from simclr_tf.models import batch_norm  # pylint: disable=g-import-not-at-top
     batch_norm.BatchNormalization.fused = False
+  if knobs.get("relu") == "keep":
+    from simclr_tf.models import batch_norm  # pylint: disable=g-import-not-at-top
+    batch_norm.BatchNormalization.recompute_relu = False
   if knobs.get("pad") == "copy":
     from simclr_tf.models import blocks  # pylint: disable=g-import-not-at-top
     blocks.PAD_INSIDE = False

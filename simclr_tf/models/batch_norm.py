@@ -30,6 +30,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from simclr_tf.models import bn_relu_conv
+
 _FUSED_DTYPES = (tf.float32, tf.bfloat16)
 
 
@@ -47,10 +49,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
   Takes the arguments of the Keras layer. The class attribute `fused`
   (default True) switches the fused path off for every instance traced
-  afterwards, for comparisons and benchmarks.
+  afterwards, for comparisons and benchmarks. `relu_conv` runs the layer,
+  a ReLU and a convolution without keeping the ReLU's output for the
+  backward pass (`bn_relu_conv`).
   """
 
   fused = True
+  # False makes `relu_conv` decline (the caller keeps the ReLU's output),
+  # for comparisons and benchmarks.
+  recompute_relu = True
 
   def _can_fuse(self, inputs, mask) -> bool:
     if not self.fused or keras.backend.backend() != "tensorflow":
@@ -72,19 +79,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
     x = inputs
     if len(inputs.shape) == 2:   # [B, C] -> [B, 1, 1, C]
       x = tf.reshape(x, [-1, 1, 1, channels])
-    scale = (tf.cast(self.gamma, tf.float32) if self.scale
-             else tf.ones([channels], tf.float32))
-    offset = (tf.cast(self.beta, tf.float32) if self.center
-              else tf.zeros([channels], tf.float32))
+    scale, offset = self._scale_and_offset(channels)
     if training and self.trainable:
       y, mean, variance = self._fused_train(x, scale, offset)
-      momentum = tf.cast(self.momentum, tf.float32)
-      self.moving_mean.assign(
-          tf.cast(self.moving_mean, tf.float32) * momentum +
-          mean * (1.0 - momentum))
-      self.moving_variance.assign(
-          tf.cast(self.moving_variance, tf.float32) * momentum +
-          variance * (1.0 - momentum))
+      self._update_moving_statistics(mean, variance)
     else:
       y = tf.raw_ops.FusedBatchNormV3(
           x=x, scale=scale, offset=offset,
@@ -94,6 +92,52 @@ class BatchNormalization(keras.layers.BatchNormalization):
     if len(inputs.shape) == 2:
       y = tf.reshape(y, tf.shape(inputs))
     return tf.cast(y, self.compute_dtype)
+
+  def relu_conv(self, inputs, kernel, training=None):
+    """`conv(relu(self(inputs)))` for a stride-1 SAME `kernel`, or None.
+
+    In training with batch statistics on the fused path, the result of
+    `bn_relu_conv.bn_relu_conv` (which keeps no ReLU output for the
+    backward pass), with the moving statistics updated as `call` does.
+    Elsewhere (inference, frozen, the Keras path) None: the caller runs the
+    three layers itself.
+    """
+    inputs = tf.convert_to_tensor(inputs)
+    if not (self.recompute_relu and training and self.trainable and
+            len(inputs.shape) == 4 and
+            self._can_fuse(inputs, None) and
+            inputs.dtype == self.compute_dtype):
+      return None
+    scale, offset = self._scale_and_offset(int(inputs.shape[-1]))
+    out, mean, unbiased = bn_relu_conv.bn_relu_conv(
+        inputs, scale, offset, tf.cast(kernel, inputs.dtype), self.epsilon)
+    self._update_moving_statistics(
+        tf.stop_gradient(mean), self._biased(inputs, unbiased))
+    return out
+
+  def _scale_and_offset(self, channels: int):
+    scale = (tf.cast(self.gamma, tf.float32) if self.scale
+             else tf.ones([channels], tf.float32))
+    offset = (tf.cast(self.beta, tf.float32) if self.center
+              else tf.zeros([channels], tf.float32))
+    return scale, offset
+
+  def _update_moving_statistics(self, mean, variance):
+    momentum = tf.cast(self.momentum, tf.float32)
+    self.moving_mean.assign(
+        tf.cast(self.moving_mean, tf.float32) * momentum +
+        mean * (1.0 - momentum))
+    self.moving_variance.assign(
+        tf.cast(self.moving_variance, tf.float32) * momentum +
+        variance * (1.0 - momentum))
+
+  @staticmethod
+  def _biased(x, unbiased):
+    # The kernel's variance has Bessel's correction n / (n - 1); Keras
+    # (and the normalisation itself) uses the biased one.
+    count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+    return tf.stop_gradient(
+        unbiased * ((count - 1.0) / tf.maximum(count, 1.0)))
 
   def _fused_train(self, x, scale, offset):
     """Normalises `x` with its batch statistics.
@@ -111,8 +155,4 @@ class BatchNormalization(keras.layers.BatchNormalization):
         x=x, scale=scale, offset=offset, mean=empty, variance=empty,
         epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC",
         is_training=True)
-    # The kernel's variance has Bessel's correction n / (n - 1); Keras
-    # (and the normalisation itself) uses the biased one.
-    count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
-    variance = unbiased * ((count - 1.0) / tf.maximum(count, 1.0))
-    return y, tf.stop_gradient(mean), tf.stop_gradient(variance)
+    return y, tf.stop_gradient(mean), self._biased(x, unbiased)

@@ -95,6 +95,20 @@ def apply_conv(conv: keras.layers.Conv2D, x):
   return conv(x)
 
 
+def bn_relu_then_conv(bn, conv: keras.layers.Conv2D, x, training):
+  """`apply_conv(conv, relu(bn(x)))`.
+
+  Where `bn.relu_conv` can (training on the fused path, a stride-1
+  convolution), the backward pass keeps no ReLU output and recomputes it
+  (`simclr_tf.models.bn_relu_conv`); the same outputs and gradients.
+  """
+  if conv.strides[0] == 1 and conv.padding == "same":
+    out = bn.relu_conv(x, conv.kernel, training=training)
+    if out is not None:
+      return out
+  return apply_conv(conv, ops.relu(bn(x, training=training)))
+
+
 def num_channels(input_shape) -> int:
   channels = input_shape[-1]
   if channels is None:
@@ -354,17 +368,19 @@ class ResidualBlock(BNLayer):
 
   def call(self, inputs, training=False):
     shortcut = self._shortcut(inputs, training)
-    x = ops.relu(self.bn_0(apply_conv(self.conv_0, inputs),
-                           training=training))
+    x = apply_conv(self.conv_0, inputs)
     if self.bottleneck:
       if self.use_sk:
-        x = self.sk_1(x, training=training)
+        x = self.sk_1(ops.relu(self.bn_0(x, training=training)),
+                      training=training)
+        x = self.conv_2(x)
       else:
-        x = ops.relu(self.bn_1(apply_conv(self.conv_1, x),
-                               training=training))
-      x = self.bn_2(self.conv_2(x), training=training)
+        x = bn_relu_then_conv(self.bn_0, self.conv_1, x, training)
+        x = bn_relu_then_conv(self.bn_1, self.conv_2, x, training)
+      x = self.bn_2(x, training=training)
     else:
-      x = self.bn_1(self.conv_1(x), training=training)
+      x = self.bn_1(bn_relu_then_conv(self.bn_0, self.conv_1, x, training),
+                    training=training)
     if self.se is not None:
       x = self.se(x)
     return ops.relu(x + shortcut)
