@@ -200,6 +200,9 @@ def test_declines_outside_training_with_batch_statistics():
   bn.trainable = False
   assert bn.relu_conv(x, kernel, training=True) is None
   bn.trainable = True
+  with batch_norm.relu_outputs_kept():
+    assert bn.relu_conv(x, kernel, training=True) is None
+  assert bn.relu_conv(x, kernel, training=True) is not None
   batch_norm.BatchNormalization.fused = False
   try:
     assert bn.relu_conv(x, kernel, training=True) is None

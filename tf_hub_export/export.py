@@ -39,6 +39,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from simclr_tf import atomic
+from simclr_tf.models import batch_norm
 from simclr_tf.models.config import ModelConfig
 from simclr_tf.models.simclr import SimCLR, build_float32, copy_weights
 
@@ -102,8 +103,12 @@ class _Reusable(tf.__internal__.tracking.AutoTrackable):
     # again each; these retrace only a call.
     forward = tf.function(
         lambda images, training: model(images, training=training))
-    traced = {training: forward.get_concrete_function(spec, training)
-              for training in (True, False)}
+    # The plain batch norm, ReLU and convolution ops (no recompute, which
+    # saves memory in our training loop but would add a custom gradient per
+    # block to the SavedModel).
+    with batch_norm.relu_outputs_kept():
+      traced = {training: forward.get_concrete_function(spec, training)
+                for training in (True, False)}
 
     def call(images, training=False):
       return traced[bool(training)](tf.convert_to_tensor(images, tf.float32))

@@ -27,6 +27,8 @@ converted back).
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -41,6 +43,24 @@ def _num_replicas_in_sync() -> int:
   if ctx is None:   # cross-replica context: Keras computes local moments
     return 1
   return ctx.num_replicas_in_sync
+
+
+@contextlib.contextmanager
+def relu_outputs_kept():
+  """Within it, `BatchNormalization.relu_conv` declines, so what is traced
+  runs the plain ops and autodiff keeps the ReLU outputs.
+
+  Exports trace their functions so (tf_hub_export/export.py): a SavedModel
+  then holds no custom gradient of ours per block, which it would otherwise
+  trace, save and load each time, and fine-tuning it computes the same
+  gradients by autodiff.
+  """
+  before = BatchNormalization.recompute_relu
+  BatchNormalization.recompute_relu = False
+  try:
+    yield
+  finally:
+    BatchNormalization.recompute_relu = before
 
 
 @keras.saving.register_keras_serializable(package="simclr_tf")
