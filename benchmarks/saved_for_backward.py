@@ -92,6 +92,23 @@ def forward_ops(loss) -> set:
   return names
 
 
+def _run_ops(graph) -> set:
+  """Names of the ops a call of `graph` runs: the ancestors, through data
+  and control inputs, of its outputs and control outputs (its updates).
+  Ops that nothing reads (such as the identities `tf.custom_gradient`
+  leaves in the graph) are pruned before the step runs."""
+  names = set()
+  todo = [t.op for t in graph.outputs] + list(
+      getattr(graph, "control_outputs", []))
+  while todo:
+    op = todo.pop()
+    if op.name not in names:
+      names.add(op.name)
+      todo.extend(t.op for t in op.inputs)
+      todo.extend(op.control_inputs)
+  return names
+
+
 def kept_tensors(graph, loss) -> list:
   """The forward pass's tensors that the rest of `graph` reads.
 
@@ -104,10 +121,11 @@ def kept_tensors(graph, loss) -> list:
     source), largest first.
   """
   forward = forward_ops(loss)
+  run = _run_ops(graph)
   readers = collections.defaultdict(set)
   sources = {}
   for op in graph.get_operations():
-    if op.name in forward:
+    if op.name in forward or op.name not in run:
       continue
     for tensor in op.inputs:
       if tensor.op.name not in forward:

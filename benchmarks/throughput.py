@@ -41,6 +41,8 @@ Configurations (`--configs`, comma separated; `--list` shows the presets):
   as the official code does, instead of simclr_tf.models.strided_conv),
   @relu=keep (the backward pass keeps the ReLU outputs inside the blocks
   instead of recomputing them, simclr_tf.models.bn_relu_conv),
+  @recompute=N (--recompute_groups: the blocks of the first N block groups
+  recompute their activations in the backward pass, simclr_tf.models.recompute),
   @intra=N / @inter=N (TensorFlow thread pools), @onednn=0|1
   (TF_ENABLE_ONEDNN_OPTS; default: simclr_tf.cpu's choice for this CPU),
   @isa=ISA (ONEDNN_MAX_CPU_ISA, e.g. AVX2: oneDNN's kernels as on a CPU
@@ -105,8 +107,8 @@ TORCH_DEFAULT = "torch-eager-fp32-b256,torch-compile-bf16-b256"
 TASKS = ("pretrain", "finetune", "distill")
 TIERS = ("bare", "step", "full")
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
-KNOBS = ("bn", "pad", "relu", "intra", "inter", "onednn", "isa", "spe",
-         "xla_flags", "env", "depth", "size")
+KNOBS = ("bn", "pad", "relu", "recompute", "intra", "inter", "onednn", "isa",
+         "spe", "xla_flags", "env", "depth", "size")
 # Knobs that switch one thing away from the default, and their one value.
 SWITCHES = {"bn": "keras", "pad": "copy", "relu": "keep"}
 # Input pipelines: batches drained before each timed pass, and timed batches
@@ -138,6 +140,9 @@ def parse_config(name: str) -> dict:
     if key in SWITCHES and value != SWITCHES[key]:
       raise ValueError(f"Knob {part!r} in {name!r} takes one value: "
                        f"@{key}={SWITCHES[key]}.")
+    if key == "recompute" and value not in ("0", "1", "2", "3", "4"):
+      raise ValueError(f"Knob {part!r} in {name!r}: @recompute takes the "
+                       "number of block groups, 0 to 4.")
     knobs[key] = value
   tokens = base.split("-")
   if not tokens[-1].startswith("b") or not tokens[-1][1:].isdigit():
@@ -368,6 +373,8 @@ def _run_config(config: dict, work_dir: str, data_dir: str):
       jit_compile=config["xla"],
       steps_per_execution=int(config["knobs"].get("spe", 1)),
       log_images=task == "pretrain")
+  if "recompute" in config["knobs"]:
+    values.update(recompute_groups=int(config["knobs"]["recompute"]))
   if task == "pretrain":
     values.update(learning_rate=1.0, weight_decay=1e-4)
   elif task == "finetune":

@@ -210,6 +210,7 @@ def validate(cfg: Config) -> Config:
   _check_range("sk_ratio", cfg.sk_ratio, 0.0, 1.0)
   _check_range("se_ratio", cfg.se_ratio, 0.0, 1.0)
   _check_range("batch_norm_decay", cfg.batch_norm_decay, 0.0, 1.0)
+  _check_range("recompute_groups", cfg.recompute_groups, 0, 4)
   _check_range("num_proj_layers", cfg.num_proj_layers, 1, None)
   _check_range("proj_out_dim", cfg.proj_out_dim, 1, None)
   _check_range("label_fraction", cfg.label_fraction, 0.0, 1.0, low_open=True,

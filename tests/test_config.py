@@ -25,6 +25,7 @@ from simclr_tf.config import Config, ConfigError, ModelConfig
     ({"train_mode": "distill"}, "--teacher is empty"),
     ({"temperature": 0.0}, "--temperature=0.0 is outside (0.0, inf)"),
     ({"fine_tune_after_block": 5}, "--fine_tune_after_block=5 is outside"),
+    ({"recompute_groups": 5}, "--recompute_groups=5 is outside [0, 4]"),
     ({"cpu_replicas": 3, "train_batch_size": 16}, "does not split evenly"),
     ({"tpu": "x", "strategy": "mirrored"}, "--tpu='x' needs --strategy=tpu"),
 ])

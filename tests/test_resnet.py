@@ -368,9 +368,10 @@ def test_variable_paths_match_a_fresh_process():
 def test_get_config_round_trip():
   model = ResNet(depth=18, width_multiplier=1, sk_ratio=SK_RATIO,
                  se_ratio=0.25, cifar_stem=False, batch_norm_decay=0.99,
-                 global_bn=False, name="encoder")
+                 global_bn=False, recompute_groups=2, name="encoder")
   config = model.get_config()
   assert config["depth"] == 18 and config["sk_ratio"] == SK_RATIO
+  assert config["recompute_groups"] == 2
   assert config["batch_norm_decay"] == 0.99 and config["global_bn"] is False
   clone = ResNet.from_config(config)
   assert clone.get_config() == config
@@ -380,6 +381,8 @@ def test_get_config_round_trip():
           [(v.path, tuple(v.shape)) for v in model.weights])
   bn = clone.block_groups[0].blocks[0].bn_0
   assert bn.momentum == 0.99 and bn.synchronized is False
+  assert [g.recompute for g in clone.block_groups] == [True, True, False,
+                                                       False]
 
 
 def test_global_bn_sets_synchronized():
@@ -450,6 +453,7 @@ def test_freezing_a_block_group():
     (dict(width_multiplier=0.3), "Received: width_multiplier=0.3"),
     (dict(sk_ratio=-1.0), "Received: sk_ratio=-1.0"),
     (dict(se_ratio=2.0), "Received: se_ratio=2.0"),
+    (dict(recompute_groups=5), "Received: recompute_groups=5"),
 ])
 def test_invalid_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -463,7 +467,7 @@ def test_invalid_arguments(kwargs, match):
     (dict(filters=4, num_blocks=2, bottleneck=False), (2, 8, 8, 4)),
     (dict(filters=2, num_blocks=2, strides=2, resnet_d=True,
           sk_ratio=SK_RATIO, se_ratio=0.25, batch_norm_decay=0.99,
-          global_bn=False), (2, 4, 4, 8)),
+          global_bn=False, recompute=True), (2, 4, 4, 8)),
 ])
 def test_block_group_saves_and_reloads(kwargs, out_shape):
   result = run_layer_test(BlockGroup, kwargs, (2, 8, 8, 4),
@@ -489,7 +493,7 @@ def test_stem_saves_and_reloads(kwargs, out_shapes):
     (dict(depth=18, width_multiplier=SMALL_WIDTH, cifar_stem=True), 8),
     (dict(depth=18, width_multiplier=SMALL_WIDTH, sk_ratio=SK_RATIO,
           se_ratio=0.25, batch_norm_decay=0.99, global_bn=False,
-          name="encoder"), 32),
+          recompute_groups=2, name="encoder"), 32),
 ])
 def test_resnet_saves_and_reloads(kwargs, size):
   model = ResNet(**kwargs)

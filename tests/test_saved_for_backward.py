@@ -67,3 +67,24 @@ def test_by_kind_sums_counts_and_bytes():
           sfb.Kept("c", "Conv2D", ("FusedBatchNormGradV3",), 16)]
   assert sfb.by_kind(kept) == [("Conv2D", "FusedBatchNormGradV3", 1, 16),
                                ("Relu", "ReluGrad", 2, 12)]
+
+
+def test_ops_the_step_never_runs_read_nothing():
+  w = tf.Variable(tf.ones([K, M]))
+
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      y = tf.matmul(x, w)
+      tf.identity(y)   # read by nothing: pruned before the step runs
+      loss = tf.reduce_sum(y * 2.0)
+    w.assign_sub(0.1 * tape.gradient(loss, w))
+    return loss
+
+  graph = step.get_concrete_function(tf.TensorSpec([N, K])).graph
+  producers = {k.producer for k in sfb.kept_tensors(graph, graph.outputs[0])}
+  # The weight gradient reads the input; the product's gradient needs no
+  # forward tensor, and the dangling identity does not count.
+  assert producers == {"Placeholder"}
+  assert any(op.type == "Identity" and op.inputs[0].op.type == "MatMul"
+             for op in graph.get_operations())

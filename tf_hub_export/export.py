@@ -39,7 +39,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from simclr_tf import atomic
-from simclr_tf.models import batch_norm
+from simclr_tf.models import batch_norm, recompute
 from simclr_tf.models.config import ModelConfig
 from simclr_tf.models.simclr import SimCLR, build_float32, copy_weights
 
@@ -103,10 +103,10 @@ class _Reusable(tf.__internal__.tracking.AutoTrackable):
     # again each; these retrace only a call.
     forward = tf.function(
         lambda images, training: model(images, training=training))
-    # The plain batch norm, ReLU and convolution ops (no recompute, which
-    # saves memory in our training loop but would add a custom gradient per
-    # block to the SavedModel).
-    with batch_norm.relu_outputs_kept():
+    # The plain batch norm, ReLU, convolution and block ops (no recompute,
+    # which saves memory in our training loop but would add custom gradients
+    # per block to the SavedModel).
+    with batch_norm.relu_outputs_kept(), recompute.blocks_kept():
       traced = {training: forward.get_concrete_function(spec, training)
                 for training in (True, False)}
 

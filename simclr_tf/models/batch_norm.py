@@ -37,7 +37,7 @@ from simclr_tf.models import bn_relu_conv
 _FUSED_DTYPES = (tf.float32, tf.bfloat16)
 
 
-def _num_replicas_in_sync() -> int:
+def num_replicas_in_sync() -> int:
   """Replicas that a synchronized batch norm would all-reduce over."""
   ctx = tf.distribute.get_replica_context()
   if ctx is None:   # cross-replica context: Keras computes local moments
@@ -78,6 +78,22 @@ class BatchNormalization(keras.layers.BatchNormalization):
   # False makes `relu_conv` decline (the caller keeps the ReLU's output),
   # for comparisons and benchmarks.
   recompute_relu = True
+  # True while `moving_statistics_frozen` traces a second run of a block.
+  _frozen = False
+
+  @classmethod
+  @contextlib.contextmanager
+  def moving_statistics_frozen(cls):
+    """Within it, training-mode calls on the fused path normalise with the
+    batch statistics without updating the moving ones: the second run of a
+    recomputed block (`simclr_tf.models.recompute`) must not update them a
+    second time. A call that would take the Keras path raises instead."""
+    before = cls._frozen
+    cls._frozen = True
+    try:
+      yield
+    finally:
+      cls._frozen = before
 
   def _can_fuse(self, inputs, mask) -> bool:
     if not self.fused or keras.backend.backend() != "tensorflow":
@@ -89,11 +105,16 @@ class BatchNormalization(keras.layers.BatchNormalization):
       return False
     if inputs.dtype not in _FUSED_DTYPES or inputs.shape[-1] is None:
       return False
-    return not self.synchronized or _num_replicas_in_sync() == 1
+    return not self.synchronized or num_replicas_in_sync() == 1
 
   def call(self, inputs, training=None, mask=None):
     inputs = tf.convert_to_tensor(inputs)
     if not self._can_fuse(inputs, mask):
+      if self._frozen and training and self.trainable:
+        raise RuntimeError(
+            f"{self.name}: a recomputed block's batch norm must take the "
+            "fused path (local statistics in float32 or bfloat16); the Keras "
+            "path would update the moving statistics a second time.")
       return super().call(inputs, training=training, mask=mask)
     channels = int(inputs.shape[-1])
     x = inputs
@@ -143,6 +164,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     return scale, offset
 
   def _update_moving_statistics(self, mean, variance):
+    if self._frozen:
+      return
     momentum = tf.cast(self.momentum, tf.float32)
     self.moving_mean.assign(
         tf.cast(self.moving_mean, tf.float32) * momentum +

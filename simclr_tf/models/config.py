@@ -69,6 +69,12 @@ class ArchOptions:
   global_bn: bool = _field(
       True, "train", "Batch-norm statistics over the global batch (all "
       "replicas).")
+  recompute_groups: int = _field(
+      0, "train", "Gradient checkpointing: the blocks of the first N ResNet "
+      "block groups (0-4) keep only their inputs for the backward pass and "
+      "run again there; the same gradients in less memory, for a second "
+      "forward pass of those blocks (not with global batch norm over "
+      "several replicas).")
   proj_head_mode: str = _field(
       "nonlinear", "arch", "Projection head: nonlinear, linear or none.")
   num_proj_layers: int = _field(

@@ -30,6 +30,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from simclr_tf.models import recompute as recompute_lib
 from simclr_tf.models.config import whole_channels
 from simclr_tf.models.blocks import (BNLayer, ResidualBlock, apply_conv,
                                      make_conv, nhwc, num_channels)
@@ -61,12 +62,17 @@ class BlockGroup(BNLayer):
     num_blocks: number of blocks.
     strides: stride of the first block.
     bottleneck, resnet_d, sk_ratio, se_ratio: as in `ResidualBlock`.
+    recompute: in training, each block keeps only its input for the
+      backward pass and runs again there (`simclr_tf.models.recompute`):
+      less memory for a second forward pass of the blocks. Blocks with
+      cross-replica batch norm over several replicas run plainly.
     **kwargs: batch-norm arguments of `BNLayer` and Layer arguments.
   """
 
   def __init__(self, filters: int, num_blocks: int, strides: int = 1,
                bottleneck: bool = True, resnet_d: bool = False,
-               sk_ratio: float = 0.0, se_ratio: float = 0.0, **kwargs):
+               sk_ratio: float = 0.0, se_ratio: float = 0.0,
+               recompute: bool = False, **kwargs):
     super().__init__(**kwargs)
     if num_blocks < 1:
       raise ValueError(f"A block group needs at least one block. Received: "
@@ -78,6 +84,7 @@ class BlockGroup(BNLayer):
     self.resnet_d = resnet_d
     self.sk_ratio = sk_ratio
     self.se_ratio = se_ratio
+    self.recompute = recompute
     self.blocks = [
         ResidualBlock(
             filters,
@@ -107,7 +114,11 @@ class BlockGroup(BNLayer):
   def call(self, inputs, training=False):
     x = inputs
     for block in self.blocks:
-      x = block(x, training=training)
+      if (self.recompute and training and block.trainable and
+          recompute_lib.can_recompute(self.global_bn)):
+        x = recompute_lib.recomputed(block, x)
+      else:
+        x = block(x, training=training)
     return x
 
   def get_config(self) -> dict[str, Any]:
@@ -120,6 +131,7 @@ class BlockGroup(BNLayer):
         "resnet_d": self.resnet_d,
         "sk_ratio": self.sk_ratio,
         "se_ratio": self.se_ratio,
+        "recompute": self.recompute,
     })
     return config
 
@@ -211,6 +223,11 @@ class ResNet(BNLayer):
     batch_norm_epsilon: batch-norm epsilon.
     global_bn: synchronise batch-norm statistics across replicas (Keras
       BatchNormalization(synchronized=True); a no-op outside a strategy).
+    recompute_groups: in training, the blocks of the first
+      `recompute_groups` block groups (0-4) keep only their inputs for the
+      backward pass and run again there (gradient checkpointing,
+      `simclr_tf.models.recompute`): the same gradients in less memory, for
+      a second forward pass of those blocks.
     name: layer name, the first component of the variable paths.
     **kwargs: Layer arguments (dtype, trainable).
 
@@ -233,7 +250,7 @@ class ResNet(BNLayer):
                sk_ratio: float = 0.0, se_ratio: float = 0.0,
                cifar_stem: bool = False, batch_norm_decay: float = 0.9,
                batch_norm_epsilon: float = 1e-5, global_bn: bool = True,
-               name: str = "resnet", **kwargs):
+               recompute_groups: int = 0, name: str = "resnet", **kwargs):
     super().__init__(batch_norm_decay=batch_norm_decay,
                      batch_norm_epsilon=batch_norm_epsilon,
                      global_bn=global_bn, name=name, **kwargs)
@@ -251,11 +268,15 @@ class ResNet(BNLayer):
     if not 0.0 <= se_ratio <= 1.0:
       raise ValueError(f"se_ratio must be in [0, 1]. Received: "
                        f"se_ratio={se_ratio}")
+    if recompute_groups not in range(len(GROUP_FILTERS) + 1):
+      raise ValueError(f"recompute_groups must be 0, 1, 2, 3 or 4. Received: "
+                       f"recompute_groups={recompute_groups!r}")
     self.depth = depth
     self.width_multiplier = width_multiplier
     self.sk_ratio = sk_ratio
     self.se_ratio = se_ratio
     self.cifar_stem = cifar_stem
+    self.recompute_groups = recompute_groups
     block_type, blocks = BLOCK_TYPES[depth]
     self.bottleneck = block_type == "bottleneck"
     resnet_d = sk_ratio > 0
@@ -269,6 +290,7 @@ class ResNet(BNLayer):
         BlockGroup(round(filters * w), num_blocks, strides,
                    bottleneck=self.bottleneck, resnet_d=resnet_d,
                    sk_ratio=sk_ratio, se_ratio=se_ratio,
+                   recompute=g < recompute_groups,
                    name=f"block_group{g + 1}", **bn_args)
         for g, (filters, num_blocks, strides) in enumerate(
             zip(GROUP_FILTERS, blocks, GROUP_STRIDES))
@@ -332,5 +354,6 @@ class ResNet(BNLayer):
         "sk_ratio": self.sk_ratio,
         "se_ratio": self.se_ratio,
         "cifar_stem": self.cifar_stem,
+        "recompute_groups": self.recompute_groups,
     })
     return config

@@ -46,7 +46,8 @@ class SimCLR(keras.Model):
         depth=c.resnet_depth, width_multiplier=c.width_multiplier,
         sk_ratio=c.sk_ratio, se_ratio=c.se_ratio, cifar_stem=c.cifar_stem,
         batch_norm_decay=c.batch_norm_decay, global_bn=c.global_bn,
-        name="resnet", dtype=self.dtype_policy)
+        recompute_groups=c.recompute_groups, name="resnet",
+        dtype=self.dtype_policy)
     self.proj_head = ProjectionHead(
         mode=c.proj_head_mode, num_layers=c.num_proj_layers,
         out_dim=c.proj_out_dim, num_layers_kept=c.proj_layers_kept,

@@ -1,0 +1,162 @@
+"""simclr_tf/models/recompute.py: block groups that recompute their blocks in
+the backward pass train exactly as the plain blocks do, keep only the
+blocks' inputs, and run the recompute in the backward pass."""
+
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT
+from simclr_tf.models import batch_norm
+from simclr_tf.models import recompute
+from simclr_tf.models.resnet import BlockGroup
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import saved_for_backward as sfb  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Block groups of two blocks (the first with its projection shortcut).
+GROUPS = {
+    "basic": dict(filters=8, bottleneck=False),
+    "basic_strided": dict(filters=8, strides=2, bottleneck=False),
+    "bottleneck": dict(filters=4),
+    "bottleneck_sk_se": dict(filters=4, strides=2, resnet_d=True,
+                             sk_ratio=0.0625, se_ratio=0.25),
+}
+INPUT_SHAPE = (4, 8, 8, 8)
+
+
+def _group(kwargs, recompute_blocks, policy="float32"):
+  keras.utils.set_random_seed(3)
+  group = BlockGroup(num_blocks=2, recompute=recompute_blocks, dtype=policy,
+                     global_bn=False, **kwargs)
+  group.build(INPUT_SHAPE)
+  # Non-zero gammas, so that every branch carries gradient.
+  for v in group.weights:
+    if v.path.endswith("gamma"):
+      v.assign(tf.ones_like(v) * 0.7)
+  return group
+
+
+def _step_fn(group):
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      out = group(x, training=True)
+      pattern = tf.cos(tf.reshape(
+          tf.range(tf.size(out), dtype=tf.float32), tf.shape(out)))
+      loss = tf.reduce_sum(tf.cast(out, tf.float32) * pattern)
+    return loss, out, tape.gradient(loss, [x] + group.trainable_weights)
+  return step
+
+
+def _input():
+  return tf.constant(
+      np.random.default_rng(0).standard_normal(INPUT_SHAPE), tf.float32)
+
+
+def _train(kwargs, recompute_blocks, policy):
+  """Output, gradients and moving statistics after one step."""
+  group = _group(kwargs, recompute_blocks, policy)
+  _, out, grads = _step_fn(group)(_input())
+  moving = [v.numpy() for v in group.non_trainable_weights]
+  return [out.numpy()] + [g.numpy() for g in grads] + moving
+
+
+@pytest.mark.parametrize("name,policy", [
+    *((name, "float32") for name in GROUPS),
+    # The blocks of the two recipes (ResNet-18, ResNet-50) in bfloat16.
+    ("basic", "mixed_bfloat16"), ("bottleneck", "mixed_bfloat16")])
+def test_group_trains_as_the_plain_blocks(name, policy):
+  ours = _train(GROUPS[name], True, policy)
+  plain = _train(GROUPS[name], False, policy)
+  assert len(ours) == len(plain)
+  # Outputs, gradients and moving statistics (updated once, not again by
+  # the recompute): the same numbers.
+  for a, b in zip(ours, plain):
+    np.testing.assert_array_equal(a, b)
+  num_moving = len(_group(GROUPS[name], True).non_trainable_weights)
+  assert all(np.any(m != 0) for m in ours[-num_moving:][::2])   # the means
+  assert np.count_nonzero(ours[1]) > 0.3 * ours[1].size         # d_x
+
+
+def _kept_activations(recompute_blocks):
+  """Producers of the activation-sized tensors a step keeps for its
+  backward pass (the batch statistics of the moving averages left out)."""
+  group = _group(GROUPS["basic"], recompute_blocks)
+  step = _step_fn(group)
+  graph = step.get_concrete_function(
+      tf.TensorSpec(INPUT_SHAPE, tf.float32)).graph
+  size = int(np.prod(INPUT_SHAPE)) * 4   # 8 channels in and out
+  return sorted(k.producer for k in sfb.kept_tensors(graph, graph.outputs[0])
+                if k.num_bytes >= size)
+
+
+def test_backward_pass_keeps_only_the_group_input():
+  # The check can fail: the plain blocks keep their convolutions' outputs
+  # and ReLU outputs.
+  plain = _kept_activations(False)
+  assert plain.count("Conv2D") >= 3 and "Relu" in plain
+  # Ours: each block's input (the group's input, the first block's output);
+  # the group's output and the loss's pattern are the loss's gradient's.
+  assert _kept_activations(True) == ["Cos", "Placeholder", "Relu", "Relu"]
+
+
+def _executed_convolutions(recompute_blocks):
+  """Forward convolutions in the graph TensorFlow ran for one step: after
+  Grappler, which merges identical ops (a recompute that did not wait for
+  the backward pass would be merged with the forward pass's own ops)."""
+  value = _input().numpy()
+  with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+    group = _group(GROUPS["basic"], recompute_blocks)
+    # A placeholder, so that Grappler cannot fold the step into constants.
+    x = tf.compat.v1.placeholder(tf.float32, INPUT_SHAPE)
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      loss = tf.reduce_sum(tf.square(group(x, training=True)))
+    grads = tape.gradient(loss, [x] + group.trainable_weights)
+    session.run(tf.compat.v1.global_variables_initializer())
+    metadata = tf.compat.v1.RunMetadata()
+    session.run(grads, feed_dict={x: value},
+                options=tf.compat.v1.RunOptions(output_partition_graphs=True),
+                run_metadata=metadata)
+  return sum(node.op.endswith("Conv2D") for graph in metadata.partition_graphs
+             for node in graph.node)
+
+
+def test_the_recompute_runs_in_the_backward_pass():
+  # Each block's convolutions run twice: once forward, once in the backward
+  # pass (strided and 1x1 convolutions included).
+  plain = _executed_convolutions(False)
+  assert plain >= 5   # 2 blocks x 2 convolutions and the projection
+  assert _executed_convolutions(True) == 2 * plain
+
+
+def test_declines_where_it_cannot_run_twice():
+  # Cross-replica statistics over several replicas would repeat their
+  # all-reduces (batch_norm.num_replicas_in_sync, which the fused batch
+  # norm's choice also reads, is tested in tests/test_batch_norm.py).
+  assert recompute.can_recompute(global_bn=False)
+  assert recompute.can_recompute(global_bn=True)   # one replica
+  # Exports trace the plain blocks.
+  with recompute.blocks_kept():
+    assert "Conv2D" in _kept_activations(True)
+  assert "Conv2D" not in _kept_activations(True)
+
+
+def test_frozen_statistics_refuse_the_keras_path():
+  bn = batch_norm.BatchNormalization(synchronized=False, renorm=True)
+  x = tf.ones((2, 4, 4, 3))
+  bn.build(x.shape)
+  with batch_norm.BatchNormalization.moving_statistics_frozen():
+    with pytest.raises(RuntimeError, match="fused path"):
+      bn(x, training=True)
+    fused = batch_norm.BatchNormalization(synchronized=False)
+    fused(x, training=True)
+  assert np.all(fused.moving_mean.numpy() == 0.0)   # not updated while frozen
+  fused(x, training=True)
+  assert np.all(fused.moving_mean.numpy() != 0.0)
