@@ -273,6 +273,7 @@ def train_stage(cfg: Config, evaluate: Optional[bool] = False) -> TrainOutcome:
   # Before any TensorFlow op: a multi-worker strategy configures the
   # collective ops of the runtime, which must not be initialised yet.
   strategy = distribute.make_strategy(cfg.strategy, cfg.tpu, cfg.cpu_replicas)
+  check_recompute(cfg, strategy)
   keras.utils.set_random_seed(cfg.seed)
   plan = make_plan(cfg)
   if evaluate is None:
@@ -291,6 +292,27 @@ def train_stage(cfg: Config, evaluate: Optional[bool] = False) -> TrainOutcome:
       precision=distribute.resolve_precision(cfg.precision, strategy))
   with distribute.dtype_policy(cfg.precision):
     return _train(cfg, plan, strategy, chief, evaluate)
+
+
+def check_recompute(cfg: Config, strategy) -> None:
+  """Raises ConfigError where --recompute_groups cannot run: it runs the
+  blocks' batch norms twice, which only the fused batch norm with local
+  statistics can (simclr_tf.models.recompute)."""
+  if not cfg.recompute_groups:
+    return
+  if cfg.precision == "mixed_float16":   # never what auto picks
+    raise ConfigError(
+        f"--recompute_groups={cfg.recompute_groups} needs float32 or "
+        "mixed_bfloat16, not mixed_float16 (its batch norms would update "
+        "their statistics twice); use --recompute_groups=0 or another "
+        "--precision.")
+  replicas = strategy.num_replicas_in_sync
+  if cfg.global_bn and replicas > 1:
+    raise ConfigError(
+        f"--recompute_groups={cfg.recompute_groups} with --global_bn over "
+        f"{replicas} replicas would run the batch norms' all-reduces again "
+        "in the backward pass; use --global_bn=false or "
+        "--recompute_groups=0.")
 
 
 def _train(cfg: Config, plan: Plan, strategy, chief: bool,

@@ -191,10 +191,17 @@ def test_training_step_of_the_model_matches_keras_batch_norm():
 def test_global_batch_norm_over_two_replicas():
   """Synchronized: statistics of the global batch; else of each replica."""
   result = run_fresh(__file__, "_mirrored_worker")
-  assert result["num_replicas"] == 2
+  assert result.pop("num_replicas") == 2
+  # Recomputed blocks would run these batch norms twice (repeating their
+  # all-reduces): the block group and the run refuse (in the same process,
+  # which has the two replicas).
+  group_refusal, run_refusal = result.pop("recompute_refused")
+  assert ("block_group: recompute needs batch-norm statistics computed "
+          "locally") in group_refusal   # inside Keras' note on the call
+  assert run_refusal.startswith(
+      "--recompute_groups=1 with --global_bn over 2 replicas")
   for key, value in result.items():
-    if key != "num_replicas":
-      assert value < 1e-5, (key, result)
+    assert value < 1e-5, (key, result)
 
 
 def _mirrored_worker():
@@ -231,4 +238,27 @@ def _mirrored_worker():
           ours.moving_mean.numpy() - ref.moving_mean.numpy())))
       diffs["global_moving_variance"] = float(np.max(np.abs(
           ours.moving_variance.numpy() - ref.moving_variance.numpy())))
+  diffs["recompute_refused"] = _recompute_refusals(strategy)
   return diffs
+
+
+def _recompute_refusals(strategy):
+  """What a recomputing block group with global batch norm, and a run with
+  --recompute_groups, say over `strategy`'s replicas (None: no refusal)."""
+  from simclr_tf import runner  # pylint: disable=g-import-not-at-top
+  from simclr_tf.config import Config, ConfigError  # pylint: disable=g-import-not-at-top
+  from simclr_tf.models.resnet import BlockGroup  # pylint: disable=g-import-not-at-top
+  with strategy.scope():
+    group = BlockGroup(4, 1, bottleneck=False, recompute=True,
+                       name="block_group")
+    group.build((None, 4, 4, 4))
+  messages = [None, None]
+  try:
+    strategy.run(lambda: group(tf.ones((2, 4, 4, 4)), training=True))
+  except ValueError as e:
+    messages[0] = str(e)
+  try:
+    runner.check_recompute(Config(recompute_groups=1), strategy)
+  except ConfigError as e:
+    messages[1] = str(e)
+  return messages

@@ -140,8 +140,17 @@ def test_declines_where_it_cannot_run_twice():
   # Cross-replica statistics over several replicas would repeat their
   # all-reduces (batch_norm.num_replicas_in_sync, which the fused batch
   # norm's choice also reads, is tested in tests/test_batch_norm.py).
-  assert recompute.can_recompute(global_bn=False)
-  assert recompute.can_recompute(global_bn=True)   # one replica
+  assert recompute.can_recompute(global_bn=False, compute_dtype="float32")
+  assert recompute.can_recompute(global_bn=True,   # one replica
+                                 compute_dtype="bfloat16")
+  # float16 takes Keras' batch norm, which would update its statistics in
+  # the second run too: the group refuses rather than run plainly.
+  assert not recompute.can_recompute(global_bn=False, compute_dtype="float16")
+  group = BlockGroup(4, 1, bottleneck=False, recompute=True, global_bn=False,
+                     dtype="mixed_float16")
+  with pytest.raises(ValueError, match="recompute needs batch-norm"):
+    group(tf.ones((2, 4, 4, 4)), training=True)
+  group(tf.ones((2, 4, 4, 4)), training=False)   # inference runs
   # Exports trace the plain blocks.
   with recompute.blocks_kept():
     assert "Conv2D" in _kept_activations(True)

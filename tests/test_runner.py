@@ -50,6 +50,8 @@ BAD_RUNS = [
     ({"train_mode": "distill", "teacher": "{export3}"},
      "predicts 3 classes but --dataset=cifar10_sample has 10"),
     ({"mode": "eval"}, "--mode=eval found no checkpoint"),
+    ({"recompute_groups": 1, "precision": "mixed_float16"},
+     "--recompute_groups=1 needs float32 or mixed_bfloat16"),
     ({"init_head": True}, "--init_head restores the supervised head of "
      "--init_from when training; give --init_from=EXPORT"),
     ({"train_mode": "finetune", "init_from": "{export0}", "init_head": True,
@@ -103,8 +105,8 @@ def test_bad_runs_fail_with_one_line_before_training(changes, expected,
   changes = {k: v.format(**values) if isinstance(v, str) else v
              for k, v in changes.items()}
   model_dir = changes.pop("model_dir", str(tmp_path / "run"))
-  cfg = Config(model_dir=model_dir, precision="float32",
-               width_multiplier=0.25, **changes)
+  cfg = Config(**{"model_dir": model_dir, "precision": "float32",
+                  "width_multiplier": 0.25, **changes})
   with pytest.raises(ConfigError) as err:
     simclr_tf.run(cfg)
   assert expected.format(**values) in str(err.value)

@@ -73,8 +73,8 @@ class ArchOptions:
       0, "train", "Gradient checkpointing: the blocks of the first N ResNet "
       "block groups (0-4) keep only their inputs for the backward pass and "
       "run again there; the same gradients in less memory, for a second "
-      "forward pass of those blocks (not with global batch norm over "
-      "several replicas).")
+      "forward pass of those blocks (float32 or mixed_bfloat16, and not "
+      "with --global_bn over several replicas).")
   proj_head_mode: str = _field(
       "nonlinear", "arch", "Projection head: nonlinear, linear or none.")
   num_proj_layers: int = _field(

@@ -16,9 +16,11 @@ float32 pretraining step keeps at 2 x 256 views from 1.90 to 1.28 GiB, for
 block group recomputed").
 
 Batch norm updates its moving statistics once, in the first run: the second
-runs inside `moving_statistics_frozen`. With cross-replica ("global") batch
-norm over several replicas the second run would also repeat the
-all-reduces, so the caller runs such blocks plainly (`can_recompute`).
+runs inside `moving_statistics_frozen`, which only the fused batch norm
+honours. So the blocks' statistics must be local and their dtype float32
+or bfloat16 (`can_recompute`): cross-replica ("global") batch norm over
+several replicas, or float16, runs Keras' batch norm, which would update
+them again (and repeat its all-reduces).
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ def blocks_kept():
     ENABLED = before
 
 
-def can_recompute(global_bn: bool) -> bool:
-  """Whether a block's batch norms can run twice: their statistics are
-  local (`global_bn` off, or a single replica in sync)."""
+def can_recompute(global_bn: bool, compute_dtype: str) -> bool:
+  """Whether a block's batch norms can run twice: they take the fused path,
+  with local statistics (`global_bn` off, or a single replica in sync) in
+  float32 or bfloat16."""
+  if compute_dtype not in ("float32", "bfloat16"):
+    return False
   return not global_bn or batch_norm.num_replicas_in_sync() == 1
 
 

@@ -64,8 +64,9 @@ class BlockGroup(BNLayer):
     bottleneck, resnet_d, sk_ratio, se_ratio: as in `ResidualBlock`.
     recompute: in training, each block keeps only its input for the
       backward pass and runs again there (`simclr_tf.models.recompute`):
-      less memory for a second forward pass of the blocks. Blocks with
-      cross-replica batch norm over several replicas run plainly.
+      less memory for a second forward pass of the blocks. Needs local
+      batch-norm statistics (`global_bn=False` or one replica) in float32
+      or bfloat16; a training call elsewhere raises ValueError.
     **kwargs: batch-norm arguments of `BNLayer` and Layer arguments.
   """
 
@@ -113,9 +114,16 @@ class BlockGroup(BNLayer):
 
   def call(self, inputs, training=False):
     x = inputs
+    recompute = self.recompute and training
+    if recompute and not recompute_lib.can_recompute(self.global_bn,
+                                                     self.compute_dtype):
+      raise ValueError(
+          f"{self.name}: recompute needs batch-norm statistics computed "
+          "locally (global_bn=False, or one replica) in float32 or "
+          f"bfloat16; here global_bn={self.global_bn} in "
+          f"{self.compute_dtype}. Turn recompute off (recompute_groups=0).")
     for block in self.blocks:
-      if (self.recompute and training and block.trainable and
-          recompute_lib.can_recompute(self.global_bn)):
+      if recompute and block.trainable:
         x = recompute_lib.recomputed(block, x)
       else:
         x = block(x, training=training)
