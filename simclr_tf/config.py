@@ -16,7 +16,7 @@ from simclr_tf import stages
 from simclr_tf.data import BUNDLED_DATASET, IMAGE_FOLDER
 from simclr_tf.models.config import (CIFAR_STEM_MAX_SIZE, PROJ_HEAD_MODES,
                                      RESNET_DEPTHS, ArchOptions, ModelConfig,
-                                     user_fields,
+                                     fields_of_kind, user_fields,
                                      num_proj_layers, whole_channels)
 from simclr_tf.optim.scaling import LR_SCALINGS, scaled_learning_rate  # noqa: F401
 
@@ -316,8 +316,9 @@ def model_config(cfg: Config, num_classes: int,
   if base is None:
     base = ModelConfig(cifar_stem=cfg.cifar_stem, **arch_options(cfg))
   else:
-    base = dataclasses.replace(base, batch_norm_decay=cfg.batch_norm_decay,
-                               global_bn=cfg.global_bn)
+    # The export fixes the weights' shapes; how to train them is this run's.
+    base = dataclasses.replace(
+        base, **{name: getattr(cfg, name) for name in fields_of_kind("train")})
   if stages.get(cfg.train_mode).whole_proj_head:
     with_head = cfg.lineareval_while_pretraining and num_classes > 0
     return dataclasses.replace(

@@ -154,8 +154,10 @@ def test_fused_switch_restores_keras_path():
 
 
 def test_training_step_of_the_model_matches_keras_batch_norm():
-  """One step of a CIFAR ResNet-18 with heads: same loss and gradients."""
-  config = ModelConfig(proj_out_dim=16, num_classes=10, sup_head_input=1)
+  """One step of a quarter-width CIFAR ResNet-18 with heads: same loss and
+  gradients."""
+  config = ModelConfig(width_multiplier=0.25, proj_out_dim=16, num_classes=10,
+                       sup_head_input=1)
   images = tf.random.stateless_uniform([8, 16, 16, 3], [0, 1])
   results = []
   for fused in (True, False):

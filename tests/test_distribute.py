@@ -200,7 +200,8 @@ def _element_spec(task, batch=8, size=32):
 
 
 def _tiny_config(train_mode, tmp_path):
-  return Config(train_mode=train_mode, resnet_depth=18, image_size=32,
+  return Config(train_mode=train_mode, resnet_depth=18, width_multiplier=0.25,
+                image_size=32,
                 train_batch_size=8, proj_out_dim=16, train_steps=2,
                 model_dir=str(tmp_path), teacher="unused" * (
                     train_mode == "distill"))

@@ -21,7 +21,6 @@ import saved_for_backward as sfb  # pylint: disable=g-import-not-at-top,wrong-im
 # Block groups of two blocks (the first with its projection shortcut).
 GROUPS = {
     "basic": dict(filters=8, bottleneck=False),
-    "basic_strided": dict(filters=8, strides=2, bottleneck=False),
     "bottleneck": dict(filters=4),
     "bottleneck_sk_se": dict(filters=4, strides=2, resnet_d=True,
                              sk_ratio=0.0625, se_ratio=0.25),

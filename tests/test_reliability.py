@@ -35,11 +35,8 @@ from tf_hub_export import load as load_lib
 
 STEPS = 8
 CHUNK = 2
-# --recompute_groups=1: kills and resumes also cover blocks that recompute
-# their activations in the backward pass (whose gradients are bitwise the
-# plain blocks', tests/test_recompute.py).
 FLAGS = ("--mode=train", "--train_mode=pretrain", "--resnet_depth=18",
-         "--width_multiplier=0.25", "--recompute_groups=1",
+         "--width_multiplier=0.25",
          "--image_size=32", "--train_batch_size=16", "--proj_out_dim=32",
          "--log_images=false", "--cache_dataset=false",
          f"--checkpoint_steps={CHUNK}", f"--train_steps={STEPS}", "--seed=1",
