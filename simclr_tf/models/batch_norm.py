@@ -34,7 +34,9 @@ import tensorflow as tf
 
 from simclr_tf.models import bn_relu_conv
 
-_FUSED_DTYPES = (tf.float32, tf.bfloat16)
+# Input dtypes of the fused kernel, and so of recomputed blocks
+# (models/recompute.py).
+FUSED_DTYPES = (tf.float32, tf.bfloat16)
 
 
 def num_replicas_in_sync() -> int:
@@ -103,7 +105,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
     ndim = len(inputs.shape)
     if ndim not in (2, 4) or self.axis not in (-1, ndim - 1):
       return False
-    if inputs.dtype not in _FUSED_DTYPES or inputs.shape[-1] is None:
+    if inputs.dtype not in FUSED_DTYPES or inputs.shape[-1] is None:
       return False
     return not self.synchronized or num_replicas_in_sync() == 1
 

@@ -55,7 +55,7 @@ def can_recompute(global_bn: bool, compute_dtype: str) -> bool:
   """Whether a block's batch norms can run twice: they take the fused path,
   with local statistics (`global_bn` off, or a single replica in sync) in
   float32 or bfloat16."""
-  if compute_dtype not in ("float32", "bfloat16"):
+  if tf.as_dtype(compute_dtype) not in batch_norm.FUSED_DTYPES:
     return False
   return not global_bn or batch_norm.num_replicas_in_sync() == 1
 
