@@ -41,6 +41,7 @@ from simclr_tf.models import simclr as simclr_lib
 from simclr_tf.optim.lars import LARS
 from simclr_tf.optim.schedules import WarmUpAndCosineDecay
 from tf_hub_export import load as load_lib
+from tf_hub_export import verify as verify_lib
 from tf_hub_export.export import export_saved_model
 
 log = logging.getLogger("simclr_tf")
@@ -57,8 +58,8 @@ class TrainOutcome:
     net: the trained network (`simclr_tf.models.simclr.SimCLR`).
     metrics: global_step, train_seconds and, when evaluated, the eval
       split's top1/top5/loss (what result.json records).
-    export_path: the SavedModel written ("" on a non-chief worker, or when
-      preempted).
+    export_path: the SavedModel written, or kept by a rerun of a finished
+      stage ("" on a non-chief worker, or when preempted).
     model_dir: the run's folder.
     preempted: stopped by SIGTERM or SIGINT after saving a checkpoint
       (`metrics["signal"]` names it).
@@ -256,7 +257,8 @@ def export(cfg: Config, plan: Plan, learner, step: int) -> str:
 def train_stage(cfg: Config, evaluate: Optional[bool] = False) -> TrainOutcome:
   """Trains `cfg.train_mode` to its last step (resuming from model_dir's
   newest checkpoint), exports the network and, if `evaluate`, measures it
-  on the eval split.
+  on the eval split. A rerun of a finished stage keeps the export and
+  result.json it wrote (`_kept_result`).
 
   Args:
     cfg: the run's config (validated here).
@@ -328,8 +330,8 @@ def _train(cfg: Config, plan: Plan, strategy, chief: bool,
   manager, restored = checkpoints.resume(cfg, learner, chief, strategy)
   if restored:
     log.info("Resumed from %s", restored)
-  step = int(learner.optimizer.iterations.numpy())
-  distribute.check_same_step(strategy, step)
+  resumed = int(learner.optimizer.iterations.numpy())
+  distribute.check_same_step(strategy, resumed)
   start = time.time()
   step, stopped_by = train(cfg, plan, strategy, learner, schedule, manager,
                            chief)
@@ -343,12 +345,28 @@ def _train(cfg: Config, plan: Plan, strategy, chief: bool,
     return TrainOutcome(learner.net, {"global_step": step, "preempted": True,
                                       "signal": stopped_by},
                         "", cfg.model_dir, preempted=True)
+  # A rerun of a finished stage keeps the export it wrote: the stages built
+  # on it recorded its sha256, and an export written again (by another
+  # version of the code, say) differs in its bytes. Every worker decides
+  # alike (the evaluation below is collective): all read the shared
+  # model_dir, which the chief writes only after that evaluation.
+  path = os.path.join(cfg.model_dir, EXPORT_DIR)
+  kept = step == resumed and _export_of_step(path, cfg.train_mode, step)
+  recorded = _result_of_step(cfg, step, evaluate) if kept else None
+  if recorded is not None:
+    log.info("%s is already finished at step %d: keeping its export %s and "
+             "%s (delete the export for a fresh one).", cfg.train_mode, step,
+             path, RESULT_FILE)
+    distribute.barrier(strategy)
+    return TrainOutcome(learner.net, dict(recorded, export=path),
+                        path if chief else "", cfg.model_dir)
   result = {"global_step": step, "train_seconds": time.time() - start}
   if evaluate:
     result.update(evaluation.measure(cfg, strategy, learner, step, chief))
-  path = ""
-  if chief:
-    path = result["export"] = export(cfg, plan, learner, step)
+  if not chief:
+    path = ""
+  else:
+    result["export"] = path if kept else export(cfg, plan, learner, step)
     if stages.get(cfg.train_mode).monitor:
       result["projector"] = projector.write_run_projector(cfg, plan,
                                                           learner.net)
@@ -356,3 +374,41 @@ def _train(cfg: Config, plan: Plan, strategy, chief: bool,
                       json.dumps(result, indent=2))
   distribute.barrier(strategy)   # workers leave after the chief's export
   return TrainOutcome(learner.net, result, path, cfg.model_dir)
+
+
+def _export_of_step(path: str, train_mode: str, step: int) -> bool:
+  """Whether `path` is an intact export of `train_mode` at `step` (the files
+  `load.read_meta` verifies; the reason logged when not)."""
+  if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+    log.info("The stage is finished but %s is missing; exporting again.", path)
+    return False
+  try:
+    meta = load_lib.read_meta(path, flag="model_dir")
+  except load_lib.ExportError as e:
+    log.warning("The stage is finished but its export does not read (%s); "
+                "exporting again.",
+                verify_lib.first_line(e.__cause__ or e, limit=300))
+    return False
+  if (meta.train_mode, meta.global_step) != (train_mode, step):
+    log.warning("The stage is finished at step %d but %s is a %s export of "
+                "step %d; exporting again.", step, path, meta.train_mode,
+                meta.global_step)
+    return False
+  return True
+
+
+def _result_of_step(cfg: Config, step: int, evaluate: bool) -> Optional[dict]:
+  """What result.json records of `step` (with an evaluation on --eval_split
+  if `evaluate`), or None when it is missing, unreadable or of another step
+  or split: the run then measures and records again."""
+  try:
+    with open(os.path.join(cfg.model_dir, RESULT_FILE),
+              encoding="utf-8") as f:
+      recorded = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(recorded, dict) or recorded.get("global_step") != step:
+    return None
+  if evaluate and recorded.get("eval_split") != cfg.eval_split:
+    return None
+  return recorded

@@ -1,11 +1,14 @@
 """pretrain -> finetune -> distill -> eval through exports, a few steps each.
 
-Four in-process training runs: in `make test-slow`.
+Four in-process training runs (and reruns of the finished pretraining): in
+`make test-slow`.
 """
 
+import glob
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,9 +16,13 @@ import pytest
 import simclr_tf
 import tensorflow as tf
 
+from simclr_tf import atomic
+from simclr_tf import identity
+from simclr_tf import runner
 from simclr_tf import tasks
 from simclr_tf.config import Config, ConfigError
 from simclr_tf.data import pipeline
+from tf_hub_export import load as load_lib
 
 pytestmark = pytest.mark.slow
 
@@ -135,11 +142,24 @@ def test_init_from_with_other_architecture_is_rejected(chain, tmp_path):
          init_from=os.path.join(pre_dir, "saved_model"))
 
 
+def _files_and_mtimes(folder):
+  return {os.path.relpath(os.path.join(d, f), folder):
+          os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, files in os.walk(folder) for f in files}
+
+
 def test_rerun_resumes_and_does_not_retrain(chain, caplog):
   _, pre_dir = chain["pre"]
   checkpoints = os.path.join(pre_dir, "checkpoints")
+  export = os.path.join(pre_dir, "saved_model")
+  result_file = os.path.join(pre_dir, "result.json")
   before = {f: os.path.getmtime(os.path.join(checkpoints, f))
             for f in os.listdir(checkpoints)}
+  export_before = _files_and_mtimes(export)
+  digest_before = identity.export_digest(export)
+  with open(result_file) as f:
+    result_text = f.read()
+  result_mtime = os.stat(result_file).st_mtime_ns
   cfg = Config(**json.load(open(os.path.join(pre_dir, "flags.json"))))
   with caplog.at_level(logging.INFO, logger="simclr_tf"):
     result = simclr_tf.run(cfg)
@@ -148,3 +168,86 @@ def test_rerun_resumes_and_does_not_retrain(chain, caplog):
   after = {f: os.path.getmtime(os.path.join(checkpoints, f))
            for f in os.listdir(checkpoints)}
   assert after == before     # no step taken, no checkpoint written
+  # A finished stage keeps its export (later stages record its sha256) and
+  # its result, and gives back what result.json records.
+  assert (f"pretrain is already finished at step 2: keeping its export "
+          f"{export}") in caplog.text
+  assert _files_and_mtimes(export) == export_before
+  assert identity.export_digest(export) == digest_before
+  assert os.stat(result_file).st_mtime_ns == result_mtime
+  with open(result_file) as f:
+    assert f.read() == result_text
+  assert result == json.loads(result_text)
+  assert result["export"] == export
+
+
+def test_rerun_of_a_finished_stage_without_its_export_exports(chain, tmp_path,
+                                                              caplog):
+  _, pre_dir = chain["pre"]
+  model_dir = str(tmp_path / "pretrain")
+  shutil.copytree(pre_dir, model_dir)
+  shutil.rmtree(os.path.join(model_dir, "saved_model"))
+  cfg = Config(**json.load(open(os.path.join(pre_dir, "flags.json"))))
+  with caplog.at_level(logging.INFO, logger="simclr_tf"):
+    result = simclr_tf.run(cfg.replace(model_dir=model_dir))
+  export = os.path.join(model_dir, "saved_model")
+  assert "Already trained 2/2 steps; nothing to do." in caplog.text
+  assert f"{export} is missing; exporting again" in caplog.text
+  assert result["export"] == export
+  meta = load_lib.read_meta(export)
+  assert (meta.global_step, meta.train_mode) == (2, "pretrain")
+  with open(os.path.join(model_dir, "result.json")) as f:
+    assert json.load(f)["export"] == export
+
+
+def test_what_a_finished_stage_keeps(chain, tmp_path, caplog):
+  """The checks of a rerun, on a copy of the finished pretraining folder:
+  the export is kept if it reads and is of that stage and step; the result
+  if result.json is of that step (and split), wherever the folder moved and
+  whether or not --mode=eval rewrote it without the export's path."""
+  _, pre_dir = chain["pre"]
+  model_dir = str(tmp_path / "pretrain")
+  shutil.copytree(pre_dir, model_dir)
+  export = os.path.join(model_dir, "saved_model")
+  result_file = os.path.join(model_dir, "result.json")
+  with open(result_file) as f:
+    recorded = json.load(f)
+
+  # pylint: disable=protected-access
+  def result(step=2, evaluate=True, **changes):
+    cfg = TINY.replace(**{"model_dir": model_dir, **changes})
+    return runner._result_of_step(cfg, step, evaluate)
+
+  with caplog.at_level(logging.INFO, logger="simclr_tf"):
+    assert runner._export_of_step(export, "pretrain", 2)
+    assert not runner._export_of_step(export, "pretrain", 3)
+    assert "saved_model is a pretrain export of step 2" in caplog.text
+    assert not runner._export_of_step(export, "finetune", 2)
+    assert not runner._export_of_step(str(tmp_path / "none"), "pretrain", 2)
+    assert "none is missing" in caplog.text
+
+  assert result() == recorded
+  assert result(eval_split="train", evaluate=False) == recorded
+  assert result(step=3) is None
+  assert result(eval_split="train") is None    # not evaluated on that split
+  evaluated = {k: v for k, v in recorded.items() if k != "export"}
+  for value, expected in ((evaluated, evaluated), ([], None), ({}, None)):
+    atomic.write_text(result_file, json.dumps(value))
+    assert result() == expected, value
+  with open(result_file, "w") as f:
+    f.write("{not json")
+  assert result() is None
+  os.remove(result_file)
+  assert result() is None
+
+  data = glob.glob(os.path.join(export, "variables", "variables.data-*"))[0]
+  with open(data, "r+b") as f:   # one flipped byte: a damaged export
+    f.seek(os.path.getsize(data) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="simclr_tf"):
+    assert not runner._export_of_step(export, "pretrain", 2)
+  assert "its export does not read" in caplog.text
+  assert "variables.data-00000-of-00001 is damaged" in caplog.text
