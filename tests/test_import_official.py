@@ -45,6 +45,11 @@ SHARED_OFFICIAL = os.path.join(ROOT, "..", "shared", "official_simclr")
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 REFERENCE_TOLERANCE = 1e-4
 
+# One process runs this file's tests, so that its module fixtures (the
+# synthetic checkpoints, their import) run once (`make test` distributes by
+# xdist_group).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 # === Synthetic checkpoints in the official layouts ============================
 
@@ -313,8 +318,7 @@ def test_tf1_hub_module_folder_reads_its_variables(tmp_path):
 def cli_import(tmp_path_factory, synthetic):
   """`import_official.main` on the synthetic TF2 checkpoint with one
   optimizer slot damaged (a slot the import does not need): (export folder,
-  the checkpoint's copy, the damaged slot's key, what main printed). The
-  tests that read it run in one process (xdist_group), so it runs once."""
+  the checkpoint's copy, the damaged slot's key, what main printed)."""
   root = tmp_path_factory.mktemp("cli_import")
   folder = _copy(synthetic, "tf2", root)
   damaged = synthetic["slots"][2]
@@ -328,7 +332,6 @@ def cli_import(tmp_path_factory, synthetic):
   return out, folder, damaged, printed.getvalue()
 
 
-@pytest.mark.xdist_group("cli_import")
 def test_architecture_flags_printed_match_the_export(cli_import, synthetic):
   out, _, _, printed = cli_import
   assert "--resnet_depth=18 --width_multiplier=0.25" in printed
@@ -804,7 +807,6 @@ def test_bad_flags_fail_before_tensorflow_is_imported(tmp_path, synthetic):
   assert proc.stderr.splitlines()[-1] == "False"
 
 
-@pytest.mark.xdist_group("cli_import")
 def test_unneeded_optimizer_slots_damaged_import_and_are_reported(
     cli_import, synthetic):
   out, folder, damaged, printed = cli_import

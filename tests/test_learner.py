@@ -12,7 +12,8 @@ from simclr_tf.config import ModelConfig
 from simclr_tf.learner import Learner
 from simclr_tf.models import simclr as simclr_lib
 
-SMALL = dict(proj_out_dim=16, num_classes=4, sup_head_input=1,
+SMALL = dict(width_multiplier=0.25, proj_out_dim=16, num_classes=4,
+             sup_head_input=1,
              proj_layers_kept=1)
 
 
