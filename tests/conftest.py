@@ -39,6 +39,21 @@ SHARED_CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10")
 RESULT_PREFIX = "FRESH_PROCESS_RESULT "
 
 
+XDIST_GROUP_LOST = (
+    "this test lost its xdist_group under --dist loadgroup (pytest 9.2 drops "
+    "them, pytest-xdist issue 1386), so module fixtures would be built again "
+    "in each process: install the pinned pytest (pip install -c "
+    "requirements/constraints.txt -e '.[test]').")
+
+
+def pytest_runtest_setup(item):
+  """Fails a test whose xdist_group mark pytest-xdist lost (a worker
+  process that raised at collection would only crash, without the reason)."""
+  if (getattr(item.config.option, "loadgroup", False) and   # xdist workers
+      item.get_closest_marker("xdist_group") and "@" not in item.nodeid):
+    pytest.fail(XDIST_GROUP_LOST, pytrace=False)
+
+
 def export_small_classifier(out, class_names, **overrides):
   """Exports a quarter-width ResNet-18 with a random supervised head."""
   import numpy as np  # pylint: disable=g-import-not-at-top
