@@ -41,7 +41,7 @@ Configurations (`--configs`, comma separated; `--list` shows the presets):
   as the official code does, instead of simclr_tf.models.strided_conv),
   @relu=keep (the backward pass keeps the ReLU outputs inside the blocks
   instead of recomputing them, simclr_tf.models.bn_relu_conv),
-  @recompute=N (--recompute_groups: the blocks of the first N block groups
+  @recompute=N (--recompute_blocks: the stem and the first N residual blocks
   recompute their activations in the backward pass, simclr_tf.models.recompute),
   @intra=N / @inter=N (TensorFlow thread pools), @onednn=0|1
   (TF_ENABLE_ONEDNN_OPTS; default: simclr_tf.cpu's choice for this CPU),
@@ -140,9 +140,9 @@ def parse_config(name: str) -> dict:
     if key in SWITCHES and value != SWITCHES[key]:
       raise ValueError(f"Knob {part!r} in {name!r} takes one value: "
                        f"@{key}={SWITCHES[key]}.")
-    if key == "recompute" and value not in ("0", "1", "2", "3", "4"):
+    if key == "recompute" and not value.isdigit():
       raise ValueError(f"Knob {part!r} in {name!r}: @recompute takes the "
-                       "number of block groups, 0 to 4.")
+                       "number of residual blocks, e.g. 1.")
     knobs[key] = value
   tokens = base.split("-")
   if not tokens[-1].startswith("b") or not tokens[-1][1:].isdigit():
@@ -374,7 +374,7 @@ def _run_config(config: dict, work_dir: str, data_dir: str):
       steps_per_execution=int(config["knobs"].get("spe", 1)),
       log_images=task == "pretrain")
   if "recompute" in config["knobs"]:
-    values.update(recompute_groups=int(config["knobs"]["recompute"]))
+    values.update(recompute_blocks=int(config["knobs"]["recompute"]))
   if task == "pretrain":
     values.update(learning_rate=1.0, weight_decay=1e-4)
   elif task == "finetune":

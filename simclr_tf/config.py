@@ -14,8 +14,9 @@ from typing import Optional
 
 from simclr_tf import stages
 from simclr_tf.data import BUNDLED_DATASET, IMAGE_FOLDER
-from simclr_tf.models.config import (CIFAR_STEM_MAX_SIZE, PROJ_HEAD_MODES,
-                                     RESNET_DEPTHS, ArchOptions, ModelConfig,
+from simclr_tf.models.config import (BLOCK_TYPES, CIFAR_STEM_MAX_SIZE,
+                                     PROJ_HEAD_MODES, RESNET_DEPTHS,
+                                     ArchOptions, ModelConfig,
                                      fields_of_kind, user_fields,
                                      num_proj_layers, whole_channels)
 from simclr_tf.optim.scaling import LR_SCALINGS, scaled_learning_rate  # noqa: F401
@@ -210,7 +211,8 @@ def validate(cfg: Config) -> Config:
   _check_range("sk_ratio", cfg.sk_ratio, 0.0, 1.0)
   _check_range("se_ratio", cfg.se_ratio, 0.0, 1.0)
   _check_range("batch_norm_decay", cfg.batch_norm_decay, 0.0, 1.0)
-  _check_range("recompute_groups", cfg.recompute_groups, 0, 4)
+  _check_range("recompute_blocks", cfg.recompute_blocks, 0,
+               sum(BLOCK_TYPES[cfg.resnet_depth][1]))
   _check_range("num_proj_layers", cfg.num_proj_layers, 1, None)
   _check_range("proj_out_dim", cfg.proj_out_dim, 1, None)
   _check_range("label_fraction", cfg.label_fraction, 0.0, 1.0, low_open=True,

@@ -297,24 +297,24 @@ def train_stage(cfg: Config, evaluate: Optional[bool] = False) -> TrainOutcome:
 
 
 def check_recompute(cfg: Config, strategy) -> None:
-  """Raises ConfigError where --recompute_groups cannot run: it runs the
+  """Raises ConfigError where --recompute_blocks cannot run: it runs the
   blocks' batch norms twice, which only the fused batch norm with local
   statistics can (simclr_tf.models.recompute)."""
-  if not cfg.recompute_groups:
+  if not cfg.recompute_blocks:
     return
   if cfg.precision == "mixed_float16":   # never what auto picks
     raise ConfigError(
-        f"--recompute_groups={cfg.recompute_groups} needs float32 or "
+        f"--recompute_blocks={cfg.recompute_blocks} needs float32 or "
         "mixed_bfloat16, not mixed_float16 (its batch norms would update "
-        "their statistics twice); use --recompute_groups=0 or another "
+        "their statistics twice); use --recompute_blocks=0 or another "
         "--precision.")
   replicas = strategy.num_replicas_in_sync
   if cfg.global_bn and replicas > 1:
     raise ConfigError(
-        f"--recompute_groups={cfg.recompute_groups} with --global_bn over "
+        f"--recompute_blocks={cfg.recompute_blocks} with --global_bn over "
         f"{replicas} replicas would run the batch norms' all-reduces again "
         "in the backward pass; use --global_bn=false or "
-        "--recompute_groups=0.")
+        "--recompute_blocks=0.")
 
 
 def _train(cfg: Config, plan: Plan, strategy, chief: bool,

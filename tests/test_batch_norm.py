@@ -201,7 +201,7 @@ def test_global_batch_norm_over_two_replicas():
   assert ("block_group: recompute needs batch-norm statistics computed "
           "locally") in group_refusal   # inside Keras' note on the call
   assert run_refusal.startswith(
-      "--recompute_groups=1 with --global_bn over 2 replicas")
+      "--recompute_blocks=1 with --global_bn over 2 replicas")
   for key, value in result.items():
     assert value < 1e-5, (key, result)
 
@@ -246,12 +246,12 @@ def _mirrored_worker():
 
 def _recompute_refusals(strategy):
   """What a recomputing block group with global batch norm, and a run with
-  --recompute_groups, say over `strategy`'s replicas (None: no refusal)."""
+  --recompute_blocks, say over `strategy`'s replicas (None: no refusal)."""
   from simclr_tf import runner  # pylint: disable=g-import-not-at-top
   from simclr_tf.config import Config, ConfigError  # pylint: disable=g-import-not-at-top
   from simclr_tf.models.resnet import BlockGroup  # pylint: disable=g-import-not-at-top
   with strategy.scope():
-    group = BlockGroup(4, 1, bottleneck=False, recompute=True,
+    group = BlockGroup(4, 1, bottleneck=False, recompute_blocks=1,
                        name="block_group")
     group.build((None, 4, 4, 4))
   messages = [None, None]
@@ -260,7 +260,7 @@ def _recompute_refusals(strategy):
   except ValueError as e:
     messages[0] = str(e)
   try:
-    runner.check_recompute(Config(recompute_groups=1), strategy)
+    runner.check_recompute(Config(recompute_blocks=1), strategy)
   except ConfigError as e:
     messages[1] = str(e)
   return messages

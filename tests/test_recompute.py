@@ -1,6 +1,7 @@
 """simclr_tf/models/recompute.py: block groups that recompute their blocks in
-the backward pass train exactly as the plain blocks do, keep only the
-blocks' inputs, and run the recompute in the backward pass."""
+the backward pass, and a ResNet that recomputes its stem with the first
+block, train exactly as the plain layers do, keep only the inputs, and run
+the recompute in the backward pass."""
 
 import os
 import sys
@@ -13,7 +14,7 @@ import tensorflow as tf
 from conftest import ROOT
 from simclr_tf.models import batch_norm
 from simclr_tf.models import recompute
-from simclr_tf.models.resnet import BlockGroup
+from simclr_tf.models.resnet import BlockGroup, ResNet
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import saved_for_backward as sfb  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -28,16 +29,21 @@ GROUPS = {
 INPUT_SHAPE = (4, 8, 8, 8)
 
 
-def _group(kwargs, recompute_blocks, policy="float32"):
-  keras.utils.set_random_seed(3)
-  group = BlockGroup(num_blocks=2, recompute=recompute_blocks, dtype=policy,
-                     global_bn=False, **kwargs)
-  group.build(INPUT_SHAPE)
-  # Non-zero gammas, so that every branch carries gradient.
-  for v in group.weights:
+def _nonzero_gammas(layer):
+  """So that every branch carries gradient."""
+  for v in layer.weights:
     if v.path.endswith("gamma"):
       v.assign(tf.ones_like(v) * 0.7)
-  return group
+  return layer
+
+
+def _group(kwargs, recompute, policy="float32"):
+  """Two blocks, both recomputed or neither."""
+  keras.utils.set_random_seed(3)
+  group = BlockGroup(num_blocks=2, recompute_blocks=2 if recompute else 0,
+                     dtype=policy, global_bn=False, **kwargs)
+  group.build(INPUT_SHAPE)
+  return _nonzero_gammas(group)
 
 
 def _step_fn(group):
@@ -83,14 +89,15 @@ def test_group_trains_as_the_plain_blocks(name, policy):
   assert np.count_nonzero(ours[1]) > 0.3 * ours[1].size         # d_x
 
 
-def _kept_activations(recompute_blocks):
+def _kept_activations(recompute, step=None, input_shape=INPUT_SHAPE,
+                      channels=8):
   """Producers of the activation-sized tensors a step keeps for its
-  backward pass (the batch statistics of the moving averages left out)."""
-  group = _group(GROUPS["basic"], recompute_blocks)
-  step = _step_fn(group)
+  backward pass (the batch statistics of the moving averages left out); by
+  default the step of a basic group."""
+  step = step or _step_fn(_group(GROUPS["basic"], recompute))
   graph = step.get_concrete_function(
-      tf.TensorSpec(INPUT_SHAPE, tf.float32)).graph
-  size = int(np.prod(INPUT_SHAPE)) * 4   # 8 channels in and out
+      tf.TensorSpec(input_shape, tf.float32)).graph
+  size = int(np.prod(input_shape[:3])) * channels * 4
   return sorted(k.producer for k in sfb.kept_tensors(graph, graph.outputs[0])
                 if k.num_bytes >= size)
 
@@ -145,8 +152,8 @@ def test_declines_where_it_cannot_run_twice():
   # float16 takes Keras' batch norm, which would update its statistics in
   # the second run too: the group refuses rather than run plainly.
   assert not recompute.can_recompute(global_bn=False, compute_dtype="float16")
-  group = BlockGroup(4, 1, bottleneck=False, recompute=True, global_bn=False,
-                     dtype="mixed_float16")
+  group = BlockGroup(4, 1, bottleneck=False, recompute_blocks=1,
+                     global_bn=False, dtype="mixed_float16")
   with pytest.raises(ValueError, match="recompute needs batch-norm"):
     group(tf.ones((2, 4, 4, 4)), training=True)
   group(tf.ones((2, 4, 4, 4)), training=False)   # inference runs
@@ -154,6 +161,61 @@ def test_declines_where_it_cannot_run_twice():
   with recompute.blocks_kept():
     assert "Conv2D" in _kept_activations(True)
   assert "Conv2D" not in _kept_activations(True)
+
+
+# A CIFAR ResNet-18 at 1/16 width: 4-32 channels, 8 x 8 images.
+RESNET_INPUT = (4, 8, 8, 3)
+
+
+def _resnet(recompute_blocks):
+  keras.utils.set_random_seed(5)
+  net = ResNet(18, width_multiplier=0.0625, cifar_stem=True, global_bn=False,
+               recompute_blocks=recompute_blocks)
+  net.build(RESNET_INPUT)
+  return _nonzero_gammas(net)
+
+
+def _resnet_step(net):
+  """A step whose loss reads the last block group (the first group's
+  output is also an output, as the heads see it)."""
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      out = net(x, training=True)
+      pattern = tf.cos(tf.reshape(tf.range(tf.size(out["block_group4"]),
+                                           dtype=tf.float32),
+                                  tf.shape(out["block_group4"])))
+      loss = tf.reduce_sum(out["block_group4"] * pattern)
+    return out, tape.gradient(loss, [x] + net.trainable_weights)
+  return step
+
+
+def test_resnet_recomputes_the_stem_with_the_first_block():
+  images = tf.constant(np.random.default_rng(1).uniform(size=RESNET_INPUT),
+                       tf.float32)
+  results = {}
+  for blocks in (0, 1, 3):
+    net = _resnet(blocks)
+    out, grads = _resnet_step(net)(images)
+    results[blocks] = ([out["block_group4"], out["final_avg_pool"]] + grads +
+                       net.non_trainable_weights)
+    # Not kept, so not returned; the plain network returns them.
+    assert ("initial_conv" in out) == (blocks == 0)
+  for blocks in (1, 3):
+    for a, b in zip(results[blocks], results[0]):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Blocks per group: the first N of the network's blocks.
+  assert [g.recompute_blocks for g in _resnet(3).block_groups] == [2, 1, 0, 0]
+  # What the step keeps at the first group's size (4 channels at 8 x 8):
+  # the plain network the outputs of the stem's convolution, the first
+  # block's three (its projection shortcut's too) and the second block's
+  # two, and ReLU outputs.
+  plain = _kept_activations(None, _resnet_step(_resnet(0)), RESNET_INPUT, 4)
+  ours = _kept_activations(None, _resnet_step(_resnet(1)), RESNET_INPUT, 4)
+  assert plain.count("Conv2D") == 6 and "Relu" in plain   # the check can fail
+  # The second block's two convolutions and the two blocks' outputs.
+  assert ours == ["Conv2D", "Conv2D", "Relu", "Relu"]
 
 
 def test_frozen_statistics_refuse_the_keras_path():

@@ -368,10 +368,10 @@ def test_variable_paths_match_a_fresh_process():
 def test_get_config_round_trip():
   model = ResNet(depth=18, width_multiplier=1, sk_ratio=SK_RATIO,
                  se_ratio=0.25, cifar_stem=False, batch_norm_decay=0.99,
-                 global_bn=False, recompute_groups=2, name="encoder")
+                 global_bn=False, recompute_blocks=3, name="encoder")
   config = model.get_config()
   assert config["depth"] == 18 and config["sk_ratio"] == SK_RATIO
-  assert config["recompute_groups"] == 2
+  assert config["recompute_blocks"] == 3
   assert config["batch_norm_decay"] == 0.99 and config["global_bn"] is False
   clone = ResNet.from_config(config)
   assert clone.get_config() == config
@@ -381,8 +381,7 @@ def test_get_config_round_trip():
           [(v.path, tuple(v.shape)) for v in model.weights])
   bn = clone.block_groups[0].blocks[0].bn_0
   assert bn.momentum == 0.99 and bn.synchronized is False
-  assert [g.recompute for g in clone.block_groups] == [True, True, False,
-                                                       False]
+  assert [g.recompute_blocks for g in clone.block_groups] == [2, 1, 0, 0]
 
 
 def test_global_bn_sets_synchronized():
@@ -453,7 +452,7 @@ def test_freezing_a_block_group():
     (dict(width_multiplier=0.3), "Received: width_multiplier=0.3"),
     (dict(sk_ratio=-1.0), "Received: sk_ratio=-1.0"),
     (dict(se_ratio=2.0), "Received: se_ratio=2.0"),
-    (dict(recompute_groups=5), "Received: recompute_groups=5"),
+    (dict(depth=18, recompute_blocks=9), "Received: recompute_blocks=9"),
 ])
 def test_invalid_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -467,7 +466,7 @@ def test_invalid_arguments(kwargs, match):
     (dict(filters=4, num_blocks=2, bottleneck=False), (2, 8, 8, 4)),
     (dict(filters=2, num_blocks=2, strides=2, resnet_d=True,
           sk_ratio=SK_RATIO, se_ratio=0.25, batch_norm_decay=0.99,
-          global_bn=False, recompute=True), (2, 4, 4, 8)),
+          global_bn=False, recompute_blocks=2), (2, 4, 4, 8)),
 ])
 def test_block_group_saves_and_reloads(kwargs, out_shape):
   result = run_layer_test(BlockGroup, kwargs, (2, 8, 8, 4),
@@ -493,7 +492,7 @@ def test_stem_saves_and_reloads(kwargs, out_shapes):
     (dict(depth=18, width_multiplier=SMALL_WIDTH, cifar_stem=True), 8),
     (dict(depth=18, width_multiplier=SMALL_WIDTH, sk_ratio=SK_RATIO,
           se_ratio=0.25, batch_norm_decay=0.99, global_bn=False,
-          recompute_groups=2, name="encoder"), 32),
+          recompute_blocks=3, name="encoder"), 32),
 ])
 def test_resnet_saves_and_reloads(kwargs, size):
   model = ResNet(**kwargs)

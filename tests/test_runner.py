@@ -50,8 +50,8 @@ BAD_RUNS = [
     ({"train_mode": "distill", "teacher": "{export3}"},
      "predicts 3 classes but --dataset=cifar10_sample has 10"),
     ({"mode": "eval"}, "--mode=eval found no checkpoint"),
-    ({"recompute_groups": 1, "precision": "mixed_float16"},
-     "--recompute_groups=1 needs float32 or mixed_bfloat16"),
+    ({"recompute_blocks": 1, "precision": "mixed_float16"},
+     "--recompute_blocks=1 needs float32 or mixed_bfloat16"),
     ({"init_head": True}, "--init_head restores the supervised head of "
      "--init_from when training; give --init_from=EXPORT"),
     ({"train_mode": "finetune", "init_from": "{export0}", "init_head": True,

@@ -76,18 +76,19 @@ def test_freeze_before_block_selects_groups():
 
 
 def test_run_options_reach_the_block_groups():
-  # --recompute_groups: from the run's Config to the network's groups.
-  cfg = Config(width_multiplier=0.25, recompute_groups=2)
+  # --recompute_blocks: from the run's Config to the network's groups.
+  cfg = Config(width_multiplier=0.25, recompute_blocks=3)
   net = simclr_lib.build_model(config_lib.model_config(cfg, 0), 32)
-  assert [g.recompute for g in net.backbone.block_groups] == [True, True,
-                                                              False, False]
+  assert net.backbone.recompute_blocks == 3
+  assert [g.recompute_blocks for g in net.backbone.block_groups] == [2, 1, 0,
+                                                                     0]
   # From an export (--init_from): its shapes, this run's training options.
   base = ModelConfig(width_multiplier=0.25, batch_norm_decay=0.5,
                      global_bn=False)
   tuned = config_lib.model_config(cfg.replace(train_mode="finetune"), 10,
                                   base=base)
-  assert (tuned.recompute_groups, tuned.batch_norm_decay, tuned.global_bn) == (
-      2, cfg.batch_norm_decay, cfg.global_bn)
+  assert (tuned.recompute_blocks, tuned.batch_norm_decay, tuned.global_bn) == (
+      3, cfg.batch_norm_decay, cfg.global_bn)
 
 
 @pytest.mark.parametrize("optimizer", ["lars", "momentum"])

@@ -20,7 +20,17 @@ import dataclasses
 import json
 from typing import Any, Optional
 
-RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+# Block type and blocks per group of each depth (He et al. 2016, Table 1;
+# 200 from He et al. 2016b).
+BLOCK_TYPES = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+RESNET_DEPTHS = tuple(BLOCK_TYPES)
 PROJ_HEAD_MODES = ("nonlinear", "linear", "none")
 # Images of at most this size use the CIFAR stem (3x3 conv, stride 1, no
 # max-pool); larger ones the ImageNet stem.
@@ -69,12 +79,12 @@ class ArchOptions:
   global_bn: bool = _field(
       True, "train", "Batch-norm statistics over the global batch (all "
       "replicas).")
-  recompute_groups: int = _field(
-      0, "train", "Gradient checkpointing: the blocks of the first N ResNet "
-      "block groups (0-4) keep only their inputs for the backward pass and "
-      "run again there; the same gradients in less memory, for a second "
-      "forward pass of those blocks (float32 or mixed_bfloat16, and not "
-      "with --global_bn over several replicas).")
+  recompute_blocks: int = _field(
+      0, "train", "Gradient checkpointing: the stem and the first N residual "
+      "blocks keep only their inputs for the backward pass and run again "
+      "there (the stem with the first block); the same gradients in less "
+      "memory, for a second forward pass of those layers (float32 or "
+      "mixed_bfloat16, and not with --global_bn over several replicas).")
   proj_head_mode: str = _field(
       "nonlinear", "arch", "Projection head: nonlinear, linear or none.")
   num_proj_layers: int = _field(

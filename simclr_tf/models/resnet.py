@@ -25,25 +25,17 @@ Every sublayer has a fixed name, so `variable.path` reads, e.g.,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import keras
 from keras import ops
 
 from simclr_tf.models import recompute as recompute_lib
-from simclr_tf.models.config import whole_channels
+from simclr_tf.models.config import BLOCK_TYPES, whole_channels
 from simclr_tf.models.blocks import (BNLayer, ResidualBlock, apply_conv,
                                      make_conv, nhwc, num_channels)
 
-# Blocks per group (He et al. 2016, Table 1; 200 from He et al. 2016b).
-BLOCK_TYPES = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
-    152: ("bottleneck", (3, 8, 36, 3)),
-    200: ("bottleneck", (3, 24, 36, 3)),
-}
 # Base widths of the four block groups (He et al. 2016, Table 1).
 GROUP_FILTERS = (64, 128, 256, 512)
 GROUP_STRIDES = (1, 2, 2, 2)
@@ -62,18 +54,26 @@ class BlockGroup(BNLayer):
     num_blocks: number of blocks.
     strides: stride of the first block.
     bottleneck, resnet_d, sk_ratio, se_ratio: as in `ResidualBlock`.
-    recompute: in training, each block keeps only its input for the
-      backward pass and runs again there (`simclr_tf.models.recompute`):
-      less memory for a second forward pass of the blocks. Needs local
-      batch-norm statistics (`global_bn=False` or one replica) in float32
-      or bfloat16; a training call elsewhere raises ValueError.
+    recompute_blocks: in training, the first `recompute_blocks` blocks
+      each keep only their input for the backward pass and run again there
+      (`simclr_tf.models.recompute`): less memory for a second forward pass
+      of those blocks. Needs local batch-norm statistics (`global_bn=False`
+      or one replica) in float32 or bfloat16; a training call elsewhere
+      raises ValueError.
     **kwargs: batch-norm arguments of `BNLayer` and Layer arguments.
+
+  Call arguments:
+    inputs: the previous layer's output.
+    training: batch norms use batch statistics and update moving ones.
+    first_block: start at this block; `inputs` is the output of the one
+      before it (`ResNet` runs the first block with the stem when it
+      recomputes them).
   """
 
   def __init__(self, filters: int, num_blocks: int, strides: int = 1,
                bottleneck: bool = True, resnet_d: bool = False,
                sk_ratio: float = 0.0, se_ratio: float = 0.0,
-               recompute: bool = False, **kwargs):
+               recompute_blocks: int = 0, **kwargs):
     super().__init__(**kwargs)
     if num_blocks < 1:
       raise ValueError(f"A block group needs at least one block. Received: "
@@ -85,7 +85,7 @@ class BlockGroup(BNLayer):
     self.resnet_d = resnet_d
     self.sk_ratio = sk_ratio
     self.se_ratio = se_ratio
-    self.recompute = recompute
+    self.recompute_blocks = recompute_blocks
     self.blocks = [
         ResidualBlock(
             filters,
@@ -112,19 +112,15 @@ class BlockGroup(BNLayer):
       block.build(nhwc(channels))
       channels = block.out_filters
 
-  def call(self, inputs, training=False):
+  def call(self, inputs, training=False, first_block=0):
     x = inputs
-    recompute = self.recompute and training
-    if recompute and not recompute_lib.can_recompute(self.global_bn,
-                                                     self.compute_dtype):
-      raise ValueError(
-          f"{self.name}: recompute needs batch-norm statistics computed "
-          "locally (global_bn=False, or one replica) in float32 or "
-          f"bfloat16; here global_bn={self.global_bn} in "
-          f"{self.compute_dtype}. Turn recompute off (recompute_groups=0).")
-    for block in self.blocks:
-      if recompute and block.trainable:
-        x = recompute_lib.recomputed(block, x)
+    recompute = self.recompute_blocks if training else 0
+    if recompute > first_block:
+      recompute_lib.check(self)
+    for i, block in enumerate(self.blocks[first_block:], start=first_block):
+      if i < recompute and block.trainable and recompute_lib.ENABLED:
+        x = recompute_lib.recomputed(
+            functools.partial(block, training=True), x)
       else:
         x = block(x, training=training)
     return x
@@ -139,7 +135,7 @@ class BlockGroup(BNLayer):
         "resnet_d": self.resnet_d,
         "sk_ratio": self.sk_ratio,
         "se_ratio": self.se_ratio,
-        "recompute": self.recompute,
+        "recompute_blocks": self.recompute_blocks,
     })
     return config
 
@@ -231,11 +227,15 @@ class ResNet(BNLayer):
     batch_norm_epsilon: batch-norm epsilon.
     global_bn: synchronise batch-norm statistics across replicas (Keras
       BatchNormalization(synchronized=True); a no-op outside a strategy).
-    recompute_groups: in training, the blocks of the first
-      `recompute_groups` block groups (0-4) keep only their inputs for the
+    recompute_blocks: in training, the stem and the first
+      `recompute_blocks` residual blocks keep only their inputs for the
       backward pass and run again there (gradient checkpointing,
-      `simclr_tf.models.recompute`): the same gradients in less memory, for
-      a second forward pass of those blocks.
+      `simclr_tf.models.recompute`): the stem with the first block, from
+      the images, then each further block on its own. The same gradients
+      in less memory, for a second forward pass of those layers; the
+      training call then returns no 'initial_conv' and 'initial_max_pool'
+      (they are not kept). Needs local batch-norm statistics (`global_bn`
+      off, or one replica) in float32 or bfloat16.
     name: layer name, the first component of the variable paths.
     **kwargs: Layer arguments (dtype, trainable).
 
@@ -258,7 +258,7 @@ class ResNet(BNLayer):
                sk_ratio: float = 0.0, se_ratio: float = 0.0,
                cifar_stem: bool = False, batch_norm_decay: float = 0.9,
                batch_norm_epsilon: float = 1e-5, global_bn: bool = True,
-               recompute_groups: int = 0, name: str = "resnet", **kwargs):
+               recompute_blocks: int = 0, name: str = "resnet", **kwargs):
     super().__init__(batch_norm_decay=batch_norm_decay,
                      batch_norm_epsilon=batch_norm_epsilon,
                      global_bn=global_bn, name=name, **kwargs)
@@ -276,16 +276,17 @@ class ResNet(BNLayer):
     if not 0.0 <= se_ratio <= 1.0:
       raise ValueError(f"se_ratio must be in [0, 1]. Received: "
                        f"se_ratio={se_ratio}")
-    if recompute_groups not in range(len(GROUP_FILTERS) + 1):
-      raise ValueError(f"recompute_groups must be 0, 1, 2, 3 or 4. Received: "
-                       f"recompute_groups={recompute_groups!r}")
+    block_type, blocks = BLOCK_TYPES[depth]
+    if recompute_blocks not in range(sum(blocks) + 1):
+      raise ValueError(f"recompute_blocks must be 0 to {sum(blocks)} (the "
+                       f"blocks of a ResNet-{depth}). Received: "
+                       f"recompute_blocks={recompute_blocks!r}")
     self.depth = depth
     self.width_multiplier = width_multiplier
     self.sk_ratio = sk_ratio
     self.se_ratio = se_ratio
     self.cifar_stem = cifar_stem
-    self.recompute_groups = recompute_groups
-    block_type, blocks = BLOCK_TYPES[depth]
+    self.recompute_blocks = recompute_blocks
     self.bottleneck = block_type == "bottleneck"
     resnet_d = sk_ratio > 0
     bn_args = {"batch_norm_decay": batch_norm_decay,
@@ -298,7 +299,8 @@ class ResNet(BNLayer):
         BlockGroup(round(filters * w), num_blocks, strides,
                    bottleneck=self.bottleneck, resnet_d=resnet_d,
                    sk_ratio=sk_ratio, se_ratio=se_ratio,
-                   recompute=g < recompute_groups,
+                   recompute_blocks=min(
+                       max(recompute_blocks - sum(blocks[:g]), 0), num_blocks),
                    name=f"block_group{g + 1}", **bn_args)
         for g, (filters, num_blocks, strides) in enumerate(
             zip(GROUP_FILTERS, blocks, GROUP_STRIDES))
@@ -322,10 +324,24 @@ class ResNet(BNLayer):
 
   def call(self, images, training=False):
     outputs = {}
-    outputs["initial_conv"], x = self.stem(images, training=training)
-    outputs["initial_max_pool"] = x
+    first_block = 0
+    first_group = self.block_groups[0]
+    if (training and self.recompute_blocks and recompute_lib.ENABLED and
+        self.stem.trainable and first_group.blocks[0].trainable):
+      recompute_lib.check(self)
+
+      def stem_and_first_block(x):
+        x = self.stem(x, training=True)[1]
+        return first_group.blocks[0](x, training=True)
+
+      x = recompute_lib.recomputed(stem_and_first_block, images)
+      first_block = 1
+    else:
+      outputs["initial_conv"], x = self.stem(images, training=training)
+      outputs["initial_max_pool"] = x
     for g, group in enumerate(self.block_groups):
-      x = group(x, training=training)
+      x = group(x, training=training, first_block=first_block if g == 0
+                else 0)
       outputs[f"block_group{g + 1}"] = x
     # Average in float32 even when computing in bfloat16.
     pooled = ops.mean(ops.cast(x, "float32"), axis=(1, 2))
@@ -362,6 +378,6 @@ class ResNet(BNLayer):
         "sk_ratio": self.sk_ratio,
         "se_ratio": self.se_ratio,
         "cifar_stem": self.cifar_stem,
-        "recompute_groups": self.recompute_groups,
+        "recompute_blocks": self.recompute_blocks,
     })
     return config

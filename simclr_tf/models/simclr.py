@@ -46,7 +46,7 @@ class SimCLR(keras.Model):
         depth=c.resnet_depth, width_multiplier=c.width_multiplier,
         sk_ratio=c.sk_ratio, se_ratio=c.se_ratio, cifar_stem=c.cifar_stem,
         batch_norm_decay=c.batch_norm_decay, global_bn=c.global_bn,
-        recompute_groups=c.recompute_groups, name="resnet",
+        recompute_blocks=c.recompute_blocks, name="resnet",
         dtype=self.dtype_policy)
     self.proj_head = ProjectionHead(
         mode=c.proj_head_mode, num_layers=c.num_proj_layers,
