@@ -258,7 +258,7 @@ def train_stage(cfg: Config, evaluate: Optional[bool] = False) -> TrainOutcome:
   """Trains `cfg.train_mode` to its last step (resuming from model_dir's
   newest checkpoint), exports the network and, if `evaluate`, measures it
   on the eval split. A rerun of a finished stage keeps the export and
-  result.json it wrote (`_kept_result`).
+  result.json it wrote (`_export_of_step`, `_result_of_step`).
 
   Args:
     cfg: the run's config (validated here).
@@ -379,6 +379,8 @@ def _train(cfg: Config, plan: Plan, strategy, chief: bool,
 def _export_of_step(path: str, train_mode: str, step: int) -> bool:
   """Whether `path` is an intact export of `train_mode` at `step` (the files
   `load.read_meta` verifies; the reason logged when not)."""
+  # Here, not in read_meta: that would read the previous export's copy
+  # left by an interrupted swap, which is not this folder's export.
   if not os.path.isfile(os.path.join(path, "saved_model.pb")):
     log.info("The stage is finished but %s is missing; exporting again.", path)
     return False

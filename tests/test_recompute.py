@@ -89,12 +89,14 @@ def test_group_trains_as_the_plain_blocks(name, policy):
   assert np.count_nonzero(ours[1]) > 0.3 * ours[1].size         # d_x
 
 
-def _kept_activations(recompute, step=None, input_shape=INPUT_SHAPE,
-                      channels=8):
-  """Producers of the activation-sized tensors a step keeps for its
-  backward pass (the batch statistics of the moving averages left out); by
-  default the step of a basic group."""
-  step = step or _step_fn(_group(GROUPS["basic"], recompute))
+def _kept_activations(recompute):
+  """What the step of a basic group keeps (`_kept`)."""
+  return _kept(_step_fn(_group(GROUPS["basic"], recompute)))
+
+
+def _kept(step, input_shape=INPUT_SHAPE, channels=8):
+  """Producers of the activation-sized tensors `step` keeps for its
+  backward pass (the batch statistics of the moving averages left out)."""
   graph = step.get_concrete_function(
       tf.TensorSpec(input_shape, tf.float32)).graph
   size = int(np.prod(input_shape[:3])) * channels * 4
@@ -211,8 +213,8 @@ def test_resnet_recomputes_the_stem_with_the_first_block():
   # the plain network the outputs of the stem's convolution, the first
   # block's three (its projection shortcut's too) and the second block's
   # two, and ReLU outputs.
-  plain = _kept_activations(None, _resnet_step(_resnet(0)), RESNET_INPUT, 4)
-  ours = _kept_activations(None, _resnet_step(_resnet(1)), RESNET_INPUT, 4)
+  plain = _kept(_resnet_step(_resnet(0)), RESNET_INPUT, channels=4)
+  ours = _kept(_resnet_step(_resnet(1)), RESNET_INPUT, channels=4)
   assert plain.count("Conv2D") == 6 and "Relu" in plain   # the check can fail
   # The second block's two convolutions and the two blocks' outputs.
   assert ours == ["Conv2D", "Conv2D", "Relu", "Relu"]
