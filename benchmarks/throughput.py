@@ -42,7 +42,9 @@ Configurations (`--configs`, comma separated; `--list` shows the presets):
   @relu=keep (the backward pass keeps the ReLU outputs inside the blocks
   instead of recomputing them, simclr_tf.models.bn_relu_conv),
   @recompute=N (--recompute_blocks: the stem and the first N residual blocks
-  recompute their activations in the backward pass, simclr_tf.models.recompute),
+  recompute their activations in the backward pass, simclr_tf.models.recompute;
+  without it, the default -1 as a run resolves it on this machine:
+  1 on CPUs, the JSON's recompute_blocks),
   @intra=N / @inter=N (TensorFlow thread pools), @onednn=0|1
   (TF_ENABLE_ONEDNN_OPTS; default: simclr_tf.cpu's choice for this CPU),
   @isa=ISA (ONEDNN_MAX_CPU_ISA, e.g. AVX2: oneDNN's kernels as on a CPU
@@ -414,7 +416,12 @@ def prepare(config: dict, work_dir: str, data_dir: str):
   tf = _setup_tensorflow(config["knobs"])
   import keras  # pylint: disable=g-import-not-at-top
   from simclr_tf import runner  # pylint: disable=g-import-not-at-top
+  from simclr_tf import distribute  # pylint: disable=g-import-not-at-top
   cfg = _run_config(config, work_dir, data_dir)
+  # What the run's defaults choose on this machine, as run.py's would
+  # (--recompute_blocks=-1 unless @recompute is given).
+  cfg = runner.resolve_hardware(cfg, distribute.make_strategy(
+      cfg.strategy, cfg.tpu, cfg.cpu_replicas))
   if cfg.train_mode == "distill":
     _export_teacher(cfg, work_dir)
   runner.prepare_model_dir(cfg)
@@ -469,7 +476,7 @@ def tf_worker(config: dict, work_dir: str, data_dir: str, warmup: int,
   from simclr_tf import checkpoints  # pylint: disable=g-import-not-at-top
   from simclr_tf import distribute  # pylint: disable=g-import-not-at-top
   from simclr_tf import runner  # pylint: disable=g-import-not-at-top
-  info = {"versions": _versions()}
+  info = {"versions": _versions(), "recompute_blocks": cfg.recompute_blocks}
   tier = config["tier"]
 
   if tier == "bare":
@@ -686,6 +693,8 @@ class Worker:
         "peak_rss_gib": _round(self.done.get("peak_rss_gib"), 2),
         "versions": self.ready.get("versions", {}),
     }
+    if "recompute_blocks" in self.ready:   # what the TF run resolved
+      figures["recompute_blocks"] = self.ready["recompute_blocks"]
     if self.error:
       figures["error"] = self.error
     return figures

@@ -34,6 +34,9 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 # TensorFlow's oneDNN CPU kernels (simclr_tf.cpu): auto chooses by CPU.
 ONEDNN_SETTINGS = ("auto", "on", "off")
+# --recompute_blocks's default: chosen per run on its hardware
+# (`distribute.resolve_recompute`).
+AUTO_RECOMPUTE = -1
 
 # Smallest input the stems accept: the CIFAR stem keeps the resolution until
 # block group 2 and halves it three times; the ImageNet stem divides by 32.
@@ -74,7 +77,12 @@ class Config(ArchOptions):
   label_fraction: float = 1.0
   strict_data: bool = False
 
-  # Model (the architecture itself is `ArchOptions`).
+  # Model (the architecture itself is `ArchOptions`; a run resolves its
+  # default recompute on its hardware, a ModelConfig holds the number).
+  recompute_blocks: int = dataclasses.field(
+      default=AUTO_RECOMPUTE, metadata=next(
+          f.metadata for f in dataclasses.fields(ArchOptions)
+          if f.name == "recompute_blocks"))
   ft_proj_selector: int = 1
   lineareval_while_pretraining: bool = True
   fine_tune_after_block: int = -1
@@ -211,8 +219,10 @@ def validate(cfg: Config) -> Config:
   _check_range("sk_ratio", cfg.sk_ratio, 0.0, 1.0)
   _check_range("se_ratio", cfg.se_ratio, 0.0, 1.0)
   _check_range("batch_norm_decay", cfg.batch_norm_decay, 0.0, 1.0)
-  _check_range("recompute_blocks", cfg.recompute_blocks, 0,
-               sum(BLOCK_TYPES[cfg.resnet_depth][1]))
+  blocks = sum(BLOCK_TYPES[cfg.resnet_depth][1])
+  _check_range("recompute_blocks", cfg.recompute_blocks, AUTO_RECOMPUTE,
+               blocks, fix=f"give -1 (auto), 0 (off) or 1 to {blocks}, the "
+               f"blocks of a ResNet-{cfg.resnet_depth}.")
   _check_range("num_proj_layers", cfg.num_proj_layers, 1, None)
   _check_range("proj_out_dim", cfg.proj_out_dim, 1, None)
   _check_range("label_fraction", cfg.label_fraction, 0.0, 1.0, low_open=True,
@@ -305,7 +315,9 @@ def model_config(cfg: Config, num_classes: int,
   """The architecture for this run's stage.
 
   Args:
-    cfg: the run's config.
+    cfg: the run's config. A training run has resolved --recompute_blocks
+      on its hardware (`runner.resolve_hardware`); where it has not (an
+      evaluation, a network built by hand), -1 recomputes nothing.
     num_classes: classes of the data (0 when unlabeled).
     base: the architecture of the export passed by --init_from, if any; its
       backbone and head shape are kept, the supervised head is rebuilt.
@@ -320,7 +332,10 @@ def model_config(cfg: Config, num_classes: int,
   else:
     # The export fixes the weights' shapes; how to train them is this run's.
     base = dataclasses.replace(
-        base, **{name: getattr(cfg, name) for name in fields_of_kind("train")})
+        base, **{name: getattr(cfg, name)
+                 for name in fields_of_kind("train", "compute")})
+  base = dataclasses.replace(
+      base, recompute_blocks=max(base.recompute_blocks, 0))
   if stages.get(cfg.train_mode).whole_proj_head:
     with_head = cfg.lineareval_while_pretraining and num_classes > 0
     return dataclasses.replace(

@@ -151,6 +151,35 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy,
   return "float32"
 
 
+def resolve_recompute(recompute_blocks: int, precision: str, global_bn: bool,
+                      strategy: tf.distribute.Strategy) -> int:
+  """The blocks `--recompute_blocks` recomputes on this hardware.
+
+  -1 (auto, the default) recomputes the stem with the first block (1) on
+  CPUs where the batch norms can run twice (float32 or mixed_bfloat16, and
+  local statistics or one replica; `simclr_tf.models.recompute`): there it
+  takes the CIFAR ResNet-18's float32 step from 3.6 to 2.9 GiB, PyTorch's
+  peak, for 1-13% of its speed (docs/performance.md). Elsewhere auto gives
+  0: on GPUs and TPUs it was not measured, and their global batch norm over
+  several replicas cannot run twice. Any other value is returned as given.
+
+  Args:
+    recompute_blocks: the `--recompute_blocks` value.
+    precision: the run's resolved precision (`resolve_precision`).
+    global_bn: the run's `--global_bn`.
+    strategy: the run's strategy (its devices decide).
+  Returns:
+    0 or more blocks.
+  """
+  if recompute_blocks >= 0:
+    return recompute_blocks
+  devices = strategy.extended.worker_devices
+  on_cpu = all("CPU" in d.upper() for d in devices) and not isinstance(
+      strategy, tf.distribute.TPUStrategy)
+  local = not global_bn or strategy.num_replicas_in_sync == 1
+  return int(on_cpu and local and precision in ("float32", "mixed_bfloat16"))
+
+
 @contextlib.contextmanager
 def dtype_policy(name: str):
   """Sets Keras' global dtype policy for a run and gives the caller's back

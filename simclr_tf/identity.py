@@ -22,7 +22,7 @@ from typing import Optional
 
 from simclr_tf import atomic
 from simclr_tf.config import Config, ConfigError
-from simclr_tf.models.config import user_fields
+from simclr_tf.models.config import fields_of_kind, user_fields
 
 log = logging.getLogger("simclr_tf")
 
@@ -58,7 +58,9 @@ def of(cfg: Config) -> dict:
       "format_version": FORMAT_VERSION,
       "train_mode": cfg.train_mode,
       "image_size": cfg.image_size,
-      "architecture": {name: getattr(cfg, name) for name in user_fields()},
+      # Not how the step is computed: a resume may change that.
+      "architecture": {name: getattr(cfg, name) for name in user_fields()
+                       if name not in fields_of_kind("compute")},
       "init_from": _source(cfg.init_from),
       "teacher": _source(cfg.teacher) if cfg.teacher else None,
   }

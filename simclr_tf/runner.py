@@ -275,7 +275,8 @@ def train_stage(cfg: Config, evaluate: Optional[bool] = False) -> TrainOutcome:
   # Before any TensorFlow op: a multi-worker strategy configures the
   # collective ops of the runtime, which must not be initialised yet.
   strategy = distribute.make_strategy(cfg.strategy, cfg.tpu, cfg.cpu_replicas)
-  check_recompute(cfg, strategy)
+  given = cfg   # flags.json records it: "auto" reruns anywhere
+  cfg = resolve_hardware(cfg, strategy)
   keras.utils.set_random_seed(cfg.seed)
   plan = make_plan(cfg)
   if evaluate is None:
@@ -288,12 +289,22 @@ def train_stage(cfg: Config, evaluate: Optional[bool] = False) -> TrainOutcome:
         "use --mode=train.")
   if evaluate:   # the record says what the run does
     cfg = cfg.replace(mode="train_then_eval")
-  record_flags(cfg, plan)
+  record_flags(given.replace(mode=cfg.mode), plan)
   chief = distribute.is_chief(strategy)
-  cfg = cfg.replace(
-      precision=distribute.resolve_precision(cfg.precision, strategy))
   with distribute.dtype_policy(cfg.precision):
     return _train(cfg, plan, strategy, chief, evaluate)
+
+
+def resolve_hardware(cfg: Config, strategy) -> Config:
+  """`cfg` with what its defaults choose on `strategy`'s hardware:
+  --precision (`distribute.resolve_precision`), then --recompute_blocks
+  (`distribute.resolve_recompute`); refuses a recompute that cannot run."""
+  cfg = cfg.replace(
+      precision=distribute.resolve_precision(cfg.precision, strategy))
+  cfg = cfg.replace(recompute_blocks=distribute.resolve_recompute(
+      cfg.recompute_blocks, cfg.precision, cfg.global_bn, strategy))
+  check_recompute(cfg, strategy)
+  return cfg
 
 
 def check_recompute(cfg: Config, strategy) -> None:
@@ -302,7 +313,7 @@ def check_recompute(cfg: Config, strategy) -> None:
   statistics can (simclr_tf.models.recompute)."""
   if not cfg.recompute_blocks:
     return
-  if cfg.precision == "mixed_float16":   # never what auto picks
+  if cfg.precision == "mixed_float16":
     raise ConfigError(
         f"--recompute_blocks={cfg.recompute_blocks} needs float32 or "
         "mixed_bfloat16, not mixed_float16 (its batch norms would update "
@@ -319,9 +330,10 @@ def check_recompute(cfg: Config, strategy) -> None:
 
 def _train(cfg: Config, plan: Plan, strategy, chief: bool,
            evaluate: bool) -> TrainOutcome:
-  log.info("Strategy %s with %d replica(s); %d steps of %s in %s.",
-           type(strategy).__name__, strategy.num_replicas_in_sync,
-           plan.total_steps, cfg.train_mode, cfg.precision)
+  log.info("Strategy %s with %d replica(s); %d steps of %s in %s, "
+           "--recompute_blocks=%d.", type(strategy).__name__,
+           strategy.num_replicas_in_sync, plan.total_steps, cfg.train_mode,
+           cfg.precision, cfg.recompute_blocks)
   exports = load_exports(cfg, plan)   # outside the scope (see there)
   with strategy.scope():
     learner, schedule = build_learner(cfg, plan, exports)

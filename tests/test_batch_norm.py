@@ -202,6 +202,9 @@ def test_global_batch_norm_over_two_replicas():
           "locally") in group_refusal   # inside Keras' note on the call
   assert run_refusal.startswith(
       "--recompute_blocks=1 with --global_bn over 2 replicas")
+  # What the default (-1) resolves to there: nothing with global batch
+  # norm, the stem and first block with local statistics.
+  assert result.pop("recompute_auto") == {"global_bn": 0, "local_bn": 1}
   for key, value in result.items():
     assert value < 1e-5, (key, result)
 
@@ -241,6 +244,12 @@ def _mirrored_worker():
       diffs["global_moving_variance"] = float(np.max(np.abs(
           ours.moving_variance.numpy() - ref.moving_variance.numpy())))
   diffs["recompute_refused"] = _recompute_refusals(strategy)
+  from simclr_tf import runner  # pylint: disable=g-import-not-at-top
+  from simclr_tf.config import Config  # pylint: disable=g-import-not-at-top
+  diffs["recompute_auto"] = {
+      f"{name}_bn": runner.resolve_hardware(
+          Config(global_bn=name == "global"), strategy).recompute_blocks
+      for name in ("global", "local")}
   return diffs
 
 

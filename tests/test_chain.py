@@ -93,6 +93,11 @@ def test_every_stage_writes_result_checkpoint_logs_and_export(chain):
     loaded = tf.saved_model.load(os.path.join(model_dir, "saved_model"))
     out = loaded(tf.zeros([2, 32, 32, 3]), training=False)
     assert out["logits_sup"].shape == (2, 10)
+    # The run recomputed a block (the default on one CPU); the export's
+    # architecture says nothing of it, so loading it gives a plain network.
+    arch = load_lib.read_meta(os.path.join(model_dir, "saved_model"),
+                              "init_from").model_config
+    assert (arch.recompute_blocks, arch.global_bn) == (0, False)
 
 
 def test_finetune_used_the_label_subset(chain):
@@ -161,10 +166,16 @@ def test_rerun_resumes_and_does_not_retrain(chain, caplog):
     result_text = f.read()
   result_mtime = os.stat(result_file).st_mtime_ns
   cfg = Config(**json.load(open(os.path.join(pre_dir, "flags.json"))))
+  # The default --recompute_blocks is recorded as such (it resolves on the
+  # machine that runs: 1 on one CPU), and is not part of the run's identity.
+  assert cfg.recompute_blocks == -1
+  with open(os.path.join(pre_dir, "run.json")) as f:
+    assert "recompute_blocks" not in json.load(f)["architecture"]
   with caplog.at_level(logging.INFO, logger="simclr_tf"):
     result = simclr_tf.run(cfg)
   assert result["global_step"] == 2
   assert "Already trained 2/2 steps; nothing to do." in caplog.text
+  assert "float32, --recompute_blocks=1." in caplog.text
   after = {f: os.path.getmtime(os.path.join(checkpoints, f))
            for f in os.listdir(checkpoints)}
   assert after == before     # no step taken, no checkpoint written
@@ -179,6 +190,12 @@ def test_rerun_resumes_and_does_not_retrain(chain, caplog):
     assert f.read() == result_text
   assert result == json.loads(result_text)
   assert result["export"] == export
+  # Another --recompute_blocks continues the same run.
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="simclr_tf"):
+    assert simclr_tf.run(cfg.replace(recompute_blocks=0)) == result
+  assert "float32, --recompute_blocks=0." in caplog.text
+  assert "Already trained 2/2 steps; nothing to do." in caplog.text
 
 
 def test_rerun_of_a_finished_stage_without_its_export_exports(chain, tmp_path,

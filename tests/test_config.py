@@ -25,9 +25,11 @@ from simclr_tf.config import Config, ConfigError, ModelConfig
     ({"train_mode": "distill"}, "--teacher is empty"),
     ({"temperature": 0.0}, "--temperature=0.0 is outside (0.0, inf)"),
     ({"fine_tune_after_block": 5}, "--fine_tune_after_block=5 is outside"),
-    ({"recompute_blocks": 9}, "--recompute_blocks=9 is outside [0, 8]"),
+    ({"recompute_blocks": 9}, "--recompute_blocks=9 is outside [-1, 8]; "
+     "give -1 (auto), 0 (off) or 1 to 8"),
+    ({"recompute_blocks": -2}, "--recompute_blocks=-2 is outside [-1, 8]"),
     ({"resnet_depth": 50, "recompute_blocks": 17},
-     "--recompute_blocks=17 is outside [0, 16]"),
+     "--recompute_blocks=17 is outside [-1, 16]"),
     ({"cpu_replicas": 3, "train_batch_size": 16}, "does not split evenly"),
     ({"tpu": "x", "strategy": "mirrored"}, "--tpu='x' needs --strategy=tpu"),
 ])

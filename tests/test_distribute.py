@@ -134,6 +134,21 @@ def test_auto_precision_on_cpus(flags, expected):
         explicit)
 
 
+@pytest.mark.parametrize("precision, expected", [
+    ("float32", 1), ("mixed_bfloat16", 1),
+    ("mixed_float16", 0),   # Keras' batch norm: it would update twice
+])
+def test_auto_recompute_on_one_cpu(precision, expected):
+  # Over two replicas: test_batch_norm.test_global_batch_norm_over_two_replicas.
+  one = distribute.make_strategy("one_device")
+  for global_bn in (True, False):   # one replica: statistics are local
+    assert distribute.resolve_recompute(-1, precision, global_bn, one) == (
+        expected)
+    for explicit in (0, 1, 3):
+      assert distribute.resolve_recompute(explicit, precision, global_bn,
+                                          one) == explicit
+
+
 WITH_CHIEF = {"chief": ["c:0"], "worker": ["a:1", "b:2"]}
 
 
@@ -383,6 +398,8 @@ def test_finetune_then_distill_on_two_cpu_replicas(tmp_path, monkeypatch,
                    *common, *extra, timeout=240)
     assert proc.returncode == 0, (stage, proc.stderr[-3000:])
     assert "MirroredStrategy with 2 replica(s)" in proc.stderr, stage
+    # --global_bn over two replicas: the default recomputes nothing.
+    assert "--recompute_blocks=0." in proc.stderr, stage
     assert (tmp_path / stage / "saved_model" / "saved_model.pb").is_file()
     assert "global_step: 2" in proc.stdout
   # The distillation step with the real teacher (a SavedModel) is TPU-safe.

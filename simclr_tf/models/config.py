@@ -7,6 +7,9 @@ who sets it:
   'arch'   a choice of the user that fixes the weights' shapes (an export
            handed to the next stage must agree on it);
   'train'  a choice of the user that does not change the weights' shapes;
+  'compute' a choice of how the training step is computed that changes
+           neither the weights' shapes nor their values (a run resumed with
+           another value is the same run);
   'stage'  derived from the stage and the data (never set by hand).
 
 The run configuration (`simclr_tf.config`) and the command line take their
@@ -80,11 +83,12 @@ class ArchOptions:
       True, "train", "Batch-norm statistics over the global batch (all "
       "replicas).")
   recompute_blocks: int = _field(
-      0, "train", "Gradient checkpointing: the stem and the first N residual "
-      "blocks keep only their inputs for the backward pass and run again "
-      "there (the stem with the first block); the same gradients in less "
-      "memory, for a second forward pass of those layers (float32 or "
-      "mixed_bfloat16, and not with --global_bn over several replicas).")
+      0, "compute", "Gradient checkpointing: the stem and the first N "
+      "residual blocks keep only their inputs for the backward pass and run "
+      "again there (the stem with the first block); the same gradients in "
+      "less memory, for a second forward pass of those layers. -1, a run's "
+      "default: 1 on CPUs where it can run, else 0. It needs float32 or "
+      "mixed_bfloat16, and not --global_bn over several replicas.")
   proj_head_mode: str = _field(
       "nonlinear", "arch", "Projection head: nonlinear, linear or none.")
   num_proj_layers: int = _field(

@@ -110,13 +110,15 @@ def build_model(model_config: ModelConfig, image_size: int) -> SimCLR:
 
 def build_float32(model_config: ModelConfig, image_size: int,
                   name: str = "simclr") -> SimCLR:
-  """A float32 model with per-replica batch norm, whatever the dtype policy.
+  """A float32 model with per-replica batch norm that recomputes nothing,
+  whatever the dtype policy.
 
-  What exports compute and what loaders rebuild, whatever precision the
-  run trains in.
+  What exports compute and what loaders rebuild, whatever precision and
+  recompute the run trained with (an export's architecture says neither).
 
   Args:
-    model_config: the architecture (`global_bn` is turned off).
+    model_config: the architecture (`global_bn` and `recompute_blocks` are
+      turned off).
     image_size: input size, to create the variables.
     name: the model's name (the first part of every variable path).
   Returns:
@@ -125,7 +127,8 @@ def build_float32(model_config: ModelConfig, image_size: int,
   saved = keras.config.dtype_policy()
   keras.config.set_dtype_policy("float32")
   try:
-    return SimCLR(dataclasses.replace(model_config, global_bn=False),
+    return SimCLR(dataclasses.replace(model_config, global_bn=False,
+                                      recompute_blocks=0),
                   name=name).build_for(image_size)
   finally:
     keras.config.set_dtype_policy(saved)
