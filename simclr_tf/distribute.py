@@ -159,7 +159,7 @@ def resolve_recompute(recompute_blocks: int, precision: str, global_bn: bool,
   CPUs where the batch norms can run twice (float32 or mixed_bfloat16, and
   local statistics or one replica; `simclr_tf.models.recompute`): there it
   takes the CIFAR ResNet-18's float32 step from 3.6 to 2.9 GiB, PyTorch's
-  peak, for 1-13% of its speed (docs/performance.md). Elsewhere auto gives
+  peak, for 1-15% of its speed (docs/performance.md). Elsewhere auto gives
   0: on GPUs and TPUs it was not measured, and their global batch norm over
   several replicas cannot run twice. Any other value is returned as given.
 

@@ -169,11 +169,12 @@ def test_declines_where_it_cannot_run_twice():
 RESNET_INPUT = (4, 8, 8, 3)
 
 
-def _resnet(recompute_blocks):
+def _resnet(recompute_blocks, input_shape=RESNET_INPUT, **kwargs):
   keras.utils.set_random_seed(5)
-  net = ResNet(18, width_multiplier=0.0625, cifar_stem=True, global_bn=False,
-               recompute_blocks=recompute_blocks)
-  net.build(RESNET_INPUT)
+  kwargs = dict(dict(depth=18, width_multiplier=0.0625,
+                     cifar_stem=True), **kwargs)
+  net = ResNet(global_bn=False, recompute_blocks=recompute_blocks, **kwargs)
+  net.build(input_shape)
   return _nonzero_gammas(net)
 
 
@@ -188,7 +189,8 @@ def _resnet_step(net):
       pattern = tf.cos(tf.reshape(tf.range(tf.size(out["block_group4"]),
                                            dtype=tf.float32),
                                   tf.shape(out["block_group4"])))
-      loss = tf.reduce_sum(out["block_group4"] * pattern)
+      loss = tf.reduce_sum(tf.cast(out["block_group4"], tf.float32) *
+                           pattern)
     return out, tape.gradient(loss, [x] + net.trainable_weights)
   return step
 
@@ -218,6 +220,30 @@ def test_resnet_recomputes_the_stem_with_the_first_block():
   assert plain.count("Conv2D") == 6 and "Relu" in plain   # the check can fail
   # The second block's two convolutions and the two blocks' outputs.
   assert ours == ["Conv2D", "Conv2D", "Relu", "Relu"]
+
+
+@pytest.mark.slow   # six ResNet-50 traces: ~40 s
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_the_imagenet_recipe_recomputes_as_the_plain_network(policy):
+  """The ResNet-50 recipe's network (ImageNet stem, in its ResNet-D form
+  with SK: three convolutions and the max-pool; bottlenecks with SK) at
+  1/16 width and 64 px, with the stem and 1 or 4 blocks (into the second
+  group) recomputed, in the run's precisions on CPUs."""
+  shape = (2, 64, 64, 3)
+  images = tf.constant(np.random.default_rng(2).uniform(size=shape),
+                       tf.float32)
+  results = {}
+  for blocks in (0, 1, 4):
+    net = _resnet(blocks, shape, depth=50, cifar_stem=False,
+                  sk_ratio=0.0625, dtype=policy)
+    out, grads = _resnet_step(net)(images)
+    results[blocks] = [out["block_group4"]] + grads + net.non_trainable_weights
+    assert out["block_group4"].dtype == (
+        tf.bfloat16 if policy == "mixed_bfloat16" else tf.float32)
+  assert [g.recompute_blocks for g in net.block_groups] == [3, 1, 0, 0]
+  for blocks in (1, 4):
+    for a, b in zip(results[blocks], results[0]):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_frozen_statistics_refuse_the_keras_path():

@@ -12,9 +12,9 @@ forward pass of `fn`.
 The stem and the early blocks hold most of a ResNet's activations.
 Recomputing the stem with the first block of the CIFAR ResNet-18 (32 x 32,
 64 channels; `ResNet(recompute_blocks=1)`) cuts the float32 pretraining
-step's peak at 2 x 256 views from 3.6 to 2.9 GiB, for 1-13% of its speed
-on a 2-core CPU in two runs (docs/performance.md, "The stem and the first
-block recomputed"). A run does so by default on CPUs
+step's peak at 2 x 256 views from 3.6 to 2.9 GiB, for 1-15% of its speed
+on a 2-core CPU in four runs (docs/performance.md, "The stem and the first
+block recomputed" and "The default"). A run does so by default on CPUs
 (`simclr_tf.distribute.resolve_recompute`).
 
 Batch norm updates its moving statistics once, in the first run: the second
