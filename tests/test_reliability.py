@@ -109,9 +109,10 @@ def _rerun_to_the_end(model_dir, resumed_from):
   assert (f"Resumed from {os.path.join(model_dir, 'checkpoints')}/"
           f"ckpt-{resumed_from}\n") in proc.stderr
   assert f"global_step: {STEPS}" in proc.stdout
-  # The default recompute (-1: the stem and first block on one CPU) is
-  # what resumes bitwise here.
-  assert "float32, --recompute_blocks=1." in proc.stderr
+  # The default recompute (-1: the stem and first block on a CPU) is what
+  # resumes bitwise here.
+  auto = 0 if tf.config.list_physical_devices("GPU") else 1
+  assert f"float32, --recompute_blocks={auto}." in proc.stderr
   assert _latest_step(model_dir) == STEPS
   leftovers = [n for n in os.listdir(os.path.join(model_dir, "checkpoints"))
                if "_temp" in n]
